@@ -1,0 +1,78 @@
+"""Batched geometric augmentation, the Keras ImageDataGenerator settings on whole batches.
+
+Split as Keras 3 does: :meth:`Augment.draw` samples random parameters for a batch,
+:meth:`Augment.apply` applies them, so a run can be replayed from its generator state.
+All samples in a batch go through one ``affine_grid`` + ``grid_sample`` call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    angle: torch.Tensor  # radians, (B,)
+    shear: torch.Tensor  # radians, (B,)
+    tx: torch.Tensor  # fraction of width, (B,)
+    ty: torch.Tensor  # fraction of height, (B,)
+    zx: torch.Tensor  # zoom factor, (B,)
+    zy: torch.Tensor
+    flip: torch.Tensor  # bool, (B,)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """rotation (deg), shift (fraction), shear (deg, as Keras), zoom (range), horizontal flip."""
+
+    rotation: float = 25.0
+    shift: float = 0.1
+    shear: float = 0.2
+    zoom: float = 0.2
+    flip: bool = True
+    mode: str = "bilinear"  # Keras interpolates with order 1
+
+    def draw(self, batch: int, generator: torch.Generator | None = None) -> AugmentParams:
+        def u(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(batch, generator=generator) * (hi - lo) + lo
+
+        return AugmentParams(
+            angle=u(-self.rotation, self.rotation) * (math.pi / 180),
+            shear=u(-self.shear, self.shear) * (math.pi / 180),
+            tx=u(-self.shift, self.shift),
+            ty=u(-self.shift, self.shift),
+            zx=u(1 - self.zoom, 1 + self.zoom),
+            zy=u(1 - self.zoom, 1 + self.zoom),
+            flip=(torch.rand(batch, generator=generator) < 0.5) & self.flip,
+        )
+
+    @staticmethod
+    def matrices(p: AugmentParams) -> torch.Tensor:
+        """(B, 2, 3) output->input sampling matrices in normalised coordinates."""
+        cos, sin = torch.cos(p.angle), torch.sin(p.angle)
+        # Keras composes rotation @ shift @ shear @ zoom and maps output pixels to inputs.
+        rot = _mat(cos, -sin, sin, cos)
+        shear = _mat(torch.ones_like(cos), -torch.sin(p.shear), torch.zeros_like(cos), torch.cos(p.shear))
+        zoom = _mat(p.zx, torch.zeros_like(cos), torch.zeros_like(cos), p.zy)
+        lin = rot @ shear @ zoom
+        sign = torch.where(p.flip, -1.0, 1.0)
+        lin = lin * torch.stack([sign, torch.ones_like(sign)], 1).unsqueeze(1)  # flip = negate x input
+        trans = torch.stack([p.tx * 2, p.ty * 2], 1).unsqueeze(2)
+        return torch.cat([lin, trans], 2)
+
+    def apply(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """Warp float NCHW ``x``; edges are replicated (Keras fill_mode='nearest')."""
+        theta = self.matrices(p).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.apply(x, self.draw(x.shape[0], generator))
+
+
+def _mat(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.stack([a, b], 1), torch.stack([c, d], 1)], 1)

@@ -1,0 +1,71 @@
+"""The ``imgclf`` command. Each sub-command is a module in :mod:`imgclf.commands`.
+
+A command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
+and keeps heavy imports inside ``run`` so that ``imgclf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from . import __version__, commands
+
+# Errors that are the user's to fix: shown as one line, never as a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .bundle import BundleError
+    from .config import ConfigError
+    from .data import DataError
+    from .imageio import ImageDecodeError
+    from .models import UnknownModelError
+    from .train import TrainingError
+
+    return (BundleError, ConfigError, DataError, ImageDecodeError, UnknownModelError, TrainingError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgclf",
+        description="Train, evaluate, explain, serve and export image classifiers.",
+        epilog="Run `imgclf COMMAND --help` for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"imgclf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    mods = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    for name in mods:
+        mod = importlib.import_module(f"{commands.__name__}.{name}")
+        p = sub.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=getattr(mod, "DESCRIPTION", mod.HELP),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        print(f"imgclf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``imgclf``; one module each (see :mod:`imgclf.cli`)."""
