@@ -1,0 +1,86 @@
+"""Shared fixtures: real data from ../shared/datasets and small trained bundles (built once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMGCLF_SHARED", ROOT.parent / "shared" / "datasets"))
+SIGN = SHARED / "sign-language-digits"
+
+# Built-in datasets are looked up here first; tests never download.
+os.environ.setdefault("IMGCLF_DATA_DIR", str(SHARED))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set IMGCLF_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def sign_dir() -> Path:
+    """Sign Language Digits: 10 class folders of real 100x100 JPEG photos."""
+    return _need(SIGN)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    return _need(SHARED / "mnist")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the decode cache out of the user's home during tests."""
+    os.environ["IMGCLF_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def small_sign_folder(dst: Path, per_class: int = 12, classes: tuple[str, ...] = ("0", "1", "2")) -> Path:
+    """Copy a few real Sign Language images per class into ``dst/<class>/`` (for planted-problem tests)."""
+    import shutil
+
+    src = _need(SIGN)
+    for c in classes:
+        (dst / c).mkdir(parents=True, exist_ok=True)
+        files = sorted((src / c).iterdir())[:per_class]
+        for f in files:
+            shutil.copy(f, dst / c / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def mnist_bundle(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
+    """LeNet trained briefly on a 3,000-image MNIST subset (about 97% test accuracy is NOT expected)."""
+    from imgclf.config import TrainConfig
+    from imgclf.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "mnist"
+    cfg = TrainConfig(data="mnist", model="lenet", epochs=2, subset=3000, out=str(out), tensorboard=False)
+    return train(cfg, progress=False).bundle_dir
+
+
+@pytest.fixture(scope="session")
+def sign_bundle(tmp_path_factory: pytest.TempPathFactory, sign_dir: Path) -> Path:
+    """SmallerVGGNet at 48x48 trained briefly on 500 real Sign Language photos."""
+    from imgclf.config import TrainConfig
+    from imgclf.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "sign"
+    cfg = TrainConfig(
+        data=str(sign_dir),
+        model="smallervggnet",
+        img_size=48,
+        epochs=3,
+        subset=500,
+        out=str(out),
+        tensorboard=False,
+    )
+    return train(cfg, progress=False).bundle_dir
