@@ -25,7 +25,7 @@ from . import data as D
 from .augment import Augment
 from .bundle import atomic_write_bytes, save_bundle
 from .config import ConfigError, TrainConfig
-from .models import create_model, get_spec, logits_to_probs
+from .models import create_model, get_spec, logits_to_probs, num_outputs
 from .preprocess import Preprocess, normalize
 
 log = logging.getLogger("imgclf")
@@ -384,7 +384,7 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
     classes = index.classes
     model = create_model(cfg.model, num_classes=len(classes), in_channels=pre.channels, img_size=size)
     model = model.to(memory_format=torch.channels_last)
-    binary = model(torch.zeros(1, pre.channels, size, size)).shape[1] == 1
+    binary = num_outputs(len(classes), get_spec(cfg.model)) == 1
     opt = make_optimizer(model, cfg)
     aug = None
     if cfg.augment == "on":
