@@ -43,6 +43,35 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+class DistContext:
+    """Single-process defaults of the hooks data-parallel training needs (see imgclf.distributed).
+
+    Rank ``r`` of ``world_size`` trains on rows ``r::world_size`` of every global batch; only the
+    main rank (0) writes to the run folder.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    resume_from: Path | None = None  # a checkpoint to resume from instead of run_dir/checkpoints
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def broadcast(self, obj: Any) -> Any:
+        """``obj`` as rank 0 has it, so that every rank takes the same decisions."""
+        return obj
+
+    def end_epoch(self, epoch: int, row: dict[str, float], run_dir: Path) -> None:
+        """Called on every rank after rank 0 wrote the epoch's checkpoint and history."""
+
+
 # --------------------------------------------------------------------------- setup helpers
 
 
@@ -307,6 +336,10 @@ def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
             f"{run_dir} already holds a run. Use --resume {run_dir} to continue it, "
             "or choose another --out."
         )
+    if cfg.ray_workers:
+        from .distributed import train_distributed  # only here: nothing else imports Ray
+
+        return train_distributed(cfg.validate(), progress=progress)
     return _run(cfg.validate(), run_dir, progress, resuming=False)
 
 
@@ -321,31 +354,42 @@ def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool | N
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     if epochs is not None:
         cfg = cfg.replace(epochs=epochs)
+    if cfg.ray_workers:
+        from .distributed import train_distributed
+
+        return train_distributed(cfg.validate(), progress=progress, resuming=True)
     return _run(cfg.validate(), run_dir, progress, resuming=True)
 
 
-def _run(cfg: TrainConfig, run_dir: Path, progress: bool | None, resuming: bool) -> TrainResult:
+def _run(
+    cfg: TrainConfig, run_dir: Path, progress: bool | None, resuming: bool, dist: DistContext | None = None
+) -> TrainResult:
     from tqdm import tqdm
 
     if progress is None:
         progress = sys.stderr.isatty()
+    dist = dist or DistContext()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fh = _setup_logging(run_dir)
+    fh = _setup_logging(run_dir) if dist.is_main else None
     try:
-        return _train(cfg, run_dir, progress, resuming, tqdm)
+        return _train(cfg, run_dir, progress, resuming, tqdm, dist)
     finally:
-        log.removeHandler(fh)
-        fh.close()
+        if fh is not None:
+            log.removeHandler(fh)
+            fh.close()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm: Any) -> TrainResult:
+def _train(
+    cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm: Any, dist: DistContext
+) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     index = D.index_source(cfg.data, cfg.cache_dir)
     cfg = resolve_defaults(cfg, index)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if dist.is_main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     size = int(cfg.img_size)
     pre = Preprocess(
         (size, size), int(cfg.channels), mean=tuple(cfg.mean or ()), std=tuple(cfg.std or ())
@@ -361,7 +405,7 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
         pre.channels,
     )
     ds = prepare_data(cfg, index, pre, progress)
-    if ds["failed"]:
+    if ds["failed"] and dist.is_main:
         lines = [f"{p}\t{r}" for p, r in ds["failed"]]
         (run_dir / "skipped_files.txt").write_text("\n".join(lines) + "\n")
         log.warning(
@@ -370,7 +414,8 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
             run_dir / "skipped_files.txt",
             lines[0].replace("\t", ": "),
         )
-    (run_dir / "splits.json").write_text(json.dumps(ds["splits"], indent=1) + "\n")
+    if dist.is_main:
+        (run_dir / "splits.json").write_text(json.dumps(ds["splits"], indent=1) + "\n")
     tr, va, te = ds["train"], ds.get("val"), ds.get("test")
     if len(tr.labels) == 0:
         raise TrainingError("no readable training images left after decoding; see skipped_files.txt")
@@ -395,12 +440,13 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
         w = counts.sum() / (len(classes) * np.maximum(counts, 1))
         weights = torch.tensor(w, dtype=torch.float32)
     ema = _EMA(model, cfg.ema) if cfg.ema > 0 else None
-    step_model = model
+    step_model = dist.wrap_model(model)  # DDP when data-parallel: averages gradients across ranks
     if cfg.compile:
         step_model = torch.compile(model)
 
     n = len(tr.labels)
     bs = min(cfg.batch_size, n)
+    bs -= bs % dist.world_size  # equal shards per rank, so DDP's mean equals the global-batch mean
     steps_per_epoch = n // bs  # drop the last partial batch: BN is unstable on tiny batches
     total_steps = steps_per_epoch * cfg.epochs
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -410,11 +456,12 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
     state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0}
     plateau = {"best": float("inf"), "bad": 0, "scale": 1.0}
     if resuming:
-        state = load_checkpoint(ck_dir / "last.safetensors", model, opt)
+        state = load_checkpoint(dist.resume_from or ck_dir / "last.safetensors", model, opt)
         gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
         plateau = state.pop("plateau")
-        if (run_dir / "history.csv").exists():
-            with open(run_dir / "history.csv") as f:
+        hist_csv = (dist.resume_from or ck_dir).parent / "history.csv"
+        if hist_csv.exists():
+            with open(hist_csv) as f:
                 history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
             history = history[: state["epoch"]]
         log.info("resuming %s from epoch %d", run_dir, state["epoch"])
@@ -422,7 +469,7 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
             ema = _EMA(model, cfg.ema)
 
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and dist.is_main:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -438,6 +485,10 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
         model.train()
         t0 = time.time()
         perm = torch.randperm(n, generator=gen)
+        # Ranks share `gen` for the permutation; each draws its augmentation from its own stream.
+        aug_gen = gen
+        if dist.world_size > 1:
+            aug_gen = torch.Generator().manual_seed(cfg.seed + 7919 * epoch + dist.rank)
         run_loss, run_correct, seen = 0.0, 0, 0
         bar = tqdm(
             range(steps_per_epoch),
@@ -447,12 +498,12 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
             unit="batch",
         )
         for b in bar:
-            idx = perm[b * bs : (b + 1) * bs]
+            idx = perm[b * bs : (b + 1) * bs][dist.rank :: dist.world_size]
             xb = x_all[idx]
             yb = y_all[idx]
             x = xb.permute(0, 3, 1, 2).float()
             if aug is not None:
-                x = aug(x, gen)
+                x = aug(x, aug_gen)
             x = normalize(x.permute(0, 2, 3, 1), pre)
             f = lr_factor(cfg, state["step"], total_steps, steps_per_epoch) * plateau["scale"]
             for g, lr0 in zip(opt.param_groups, base_lrs):
@@ -466,9 +517,12 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
             else:
                 loss = F.cross_entropy(out, yb, weight=weights, label_smoothing=cfg.label_smoothing)
                 pred = out.argmax(1)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if dist.world_size > 1:  # every rank must stop at the same step, or the others hang
+                finite = dist.all_reduce_sum([float(not finite)])[0] == 0
+            if not finite:
                 stop_reason = (
-                    f"loss became {float(loss)} at epoch {epoch}, batch {b}: training diverged. "
+                    f"loss became {loss.item()} at epoch {epoch}, batch {b}: training diverged. "
                     f"Lower --lr (now {cfg.lr}) or check the data; the last good checkpoint is kept."
                 )
                 break
@@ -487,8 +541,13 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
         if stop_reason:
             log.error("TerminateOnNaN: %s", stop_reason)
             break
+        if dist.world_size > 1:
+            run_loss, run_correct, seen = dist.all_reduce_sum([run_loss, float(run_correct), float(seen)])
         eval_model = ema.shadow if ema is not None else model
-        vm = evaluate_arrays(eval_model, va.images, va.labels, pre) if va and len(va.labels) else None
+        vm = None
+        if va and len(va.labels) and dist.is_main:
+            vm = evaluate_arrays(eval_model, va.images, va.labels, pre)
+        vm = dist.broadcast(vm)
         row = {
             "epoch": epoch,
             "train_loss": run_loss / max(seen, 1),
@@ -518,11 +577,16 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
         monitor = row["val_loss"] if vm else row["train_loss"]
         state["epoch"] = epoch
         if monitor < state["best_val_loss"]:
+            # EarlyStopping counts only real improvements (min_delta 1e-4, as ReduceLROnPlateau)
+            if monitor < state["best_val_loss"] - 1e-4:
+                state["bad_epochs"] = 0
+            else:
+                state["bad_epochs"] += 1
             state["best_val_loss"], state["best_epoch"] = monitor, epoch
-            state["bad_epochs"] = 0
             from .bundle import state_dict_bytes
 
-            atomic_write_bytes(ck_dir / "best.safetensors", state_dict_bytes(eval_model))
+            if dist.is_main:
+                atomic_write_bytes(ck_dir / "best.safetensors", state_dict_bytes(eval_model))
         else:
             state["bad_epochs"] += 1
         if cfg.reduce_lr_patience:
@@ -530,13 +594,15 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
                 plateau["best"], plateau["bad"] = monitor, 0
             else:
                 plateau["bad"] += 1
-                if plateau["bad"] > cfg.reduce_lr_patience:
+                if plateau["bad"] >= cfg.reduce_lr_patience:
                     plateau["scale"] *= cfg.reduce_lr_factor
                     plateau["bad"] = 0
                     log.info("ReduceLROnPlateau: lr scaled by %g", plateau["scale"])
-        _write_history(run_dir / "history.csv", history)
-        st = dict(state, gen_state=gen.get_state().tolist(), plateau=plateau)
-        save_checkpoint(ck_dir / "last.safetensors", model, opt, st)
+        if dist.is_main:
+            _write_history(run_dir / "history.csv", history)
+            st = dict(state, gen_state=gen.get_state().tolist(), plateau=plateau)
+            save_checkpoint(ck_dir / "last.safetensors", model, opt, st)
+        dist.end_epoch(epoch, row, run_dir)
         if cfg.patience and state["bad_epochs"] >= cfg.patience:
             log.info("EarlyStopping: val loss did not improve for %d epochs", cfg.patience)
             break
@@ -545,6 +611,8 @@ def _train(cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm
 
     if not history:
         raise TrainingError(stop_reason or "no epoch completed")
+    if not dist.is_main:
+        return TrainResult(run_dir, run_dir / "model", {}, history)
     final = ema.shadow if ema is not None else model
     best_path = ck_dir / "best.safetensors"
     if cfg.keep == "best" and best_path.exists():

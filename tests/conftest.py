@@ -43,7 +43,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["IMGCLF_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
-def small_sign_folder(dst: Path, per_class: int = 12, classes: tuple[str, ...] = ("0", "1", "2")) -> Path:
+def copy_sign_folder(dst: Path, per_class: int = 12, classes: tuple[str, ...] = ("0", "1", "2")) -> Path:
     """Copy a few real Sign Language images per class into ``dst/<class>/`` (for planted-problem tests)."""
     import shutil
 
@@ -54,6 +54,13 @@ def small_sign_folder(dst: Path, per_class: int = 12, classes: tuple[str, ...] =
         for f in files:
             shutil.copy(f, dst / c / f.name)
     return dst
+
+
+@pytest.fixture(scope="session")
+def small_sign_folder():
+    """The function ``(dst, per_class=12, classes=("0","1","2")) -> dst`` copying real photos."""
+    _need(SIGN)
+    return copy_sign_folder
 
 
 @pytest.fixture(scope="session")

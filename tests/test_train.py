@@ -1,0 +1,143 @@
+"""Training loop, callbacks, checkpoints and resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgclf.config import ConfigError, TrainConfig
+from imgclf.recipes import config_from
+from imgclf.train import TrainingError, resume, train
+
+
+def _digits(tmp_path: Path, name: str, **kw) -> TrainConfig:
+    base = dict(data="digits", model="lenet", epochs=2, out=str(tmp_path / name), tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_folder_contents_and_learning(tmp_path: Path) -> None:
+    res = train(_digits(tmp_path, "r", epochs=3, tensorboard=True), progress=False)
+    d = res.run_dir
+    for f in ("model/model.safetensors", "model/model.json", "history.csv", "metrics.json", "plot.png",
+              "splits.json", "config.json", "train.log"):
+        assert (d / f).exists(), f
+    assert any((d / "tensorboard").iterdir())
+    rows = list(csv.DictReader(open(d / "history.csv")))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["test_accuracy"] > 0.85  # LeNet on 8x8 digits learns fast
+    splits = json.loads((d / "splits.json").read_text())
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sizes["train"] + sizes["val"] + sizes["test"] == 1797
+    assert set(splits["train"]).isdisjoint(splits["test"])
+    assert "epoch 3/3" in (d / "train.log").read_text()
+
+
+def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
+    cfg = _digits(tmp_path, "r", epochs=1, subset=200)
+    train(cfg, progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path: Path) -> None:
+    torch.set_num_threads(1)  # bitwise reproducibility needs one thread schedule
+    try:
+        # a constant lr makes a 2-epoch plan identical to the first 2 epochs of a 3-epoch plan
+        straight = train(_digits(tmp_path, "a", epochs=3, subset=400, lr_decay=0.0), progress=False)
+        part = train(_digits(tmp_path, "b", epochs=2, subset=400, lr_decay=0.0), progress=False)
+        assert part.metrics["epochs_run"] == 2
+        cont = resume(part.run_dir, epochs=3, progress=False)
+    finally:
+        torch.set_num_threads(torch.get_num_threads())
+    rows = list(csv.DictReader(open(cont.run_dir / "history.csv")))
+    assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
+    a = load_file(str(straight.run_dir / "checkpoints" / "last.safetensors"))
+    b = load_file(str(cont.run_dir / "checkpoints" / "last.safetensors"))
+    for k in a:
+        if k.startswith("model/"):
+            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="diverged"):
+        train(_digits(tmp_path, "nan", epochs=2, lr=1e30, optimizer="sgd", momentum=0.0), progress=False)
+
+
+def test_early_stopping_and_reduce_lr(tmp_path: Path) -> None:
+    # lr so small nothing improves after the first epochs -> plateau callbacks fire
+    res = train(
+        _digits(tmp_path, "es", epochs=30, subset=300, lr=1e-9, optimizer="sgd", momentum=0.0,
+                patience=2, reduce_lr_patience=1, reduce_lr_factor=0.5, keep="last"),
+        progress=False,
+    )
+    assert res.metrics["epochs_run"] < 30 and res.metrics["stopped_early"]
+    lrs = [h["lr"] for h in res.history]
+    assert lrs[-1] < lrs[0]
+
+
+def test_corrupt_file_is_skipped_with_report(tmp_path: Path, small_sign_folder) -> None:
+    root = small_sign_folder(tmp_path / "ds", per_class=8)
+    (root / "2" / "truncated.jpg").write_bytes((root / "2").iterdir().__next__().read_bytes()[:300])
+    (root / "0" / "notes.txt").write_text("not an image")
+    res = train(
+        TrainConfig(data=str(root), model="lenet", img_size=28, epochs=1, out=str(tmp_path / "r"),
+                    tensorboard=False, dedup="off"),
+        progress=False,
+    )
+    text = (res.run_dir / "skipped_files.txt").read_text()
+    assert "truncated.jpg" in text and "notes.txt" in text
+    assert (res.bundle_dir / "model.json").exists()
+
+
+def test_augmentation_changes_images_but_keeps_shape() -> None:
+    from imgclf.augment import Augment
+
+    x = torch.rand(8, 3, 24, 24) * 255
+    aug = Augment()
+    g = torch.Generator().manual_seed(0)
+    y = aug(x, g)
+    assert y.shape == x.shape
+    assert (y - x).abs().mean() > 1
+    ident = Augment(rotation=0, shift=0, shear=0, zoom=0, flip=False)
+    assert torch.allclose(ident(x, g), x, atol=1e-3)
+    flip = Augment(rotation=0, shift=0, shear=0, zoom=0, flip=True)
+    p = flip.draw(8, torch.Generator().manual_seed(1))
+    out = flip.apply(x, p)
+    for i in range(8):
+        ref = x[i].flip(-1) if p.flip[i] else x[i]
+        assert torch.allclose(out[i], ref, atol=1e-3)
+
+
+def test_config_rejects_unknown_keys_with_suggestion() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(ConfigError, match="optimizer"):
+        config_from({"optimizer": "adamx"})
+
+
+def test_config_file_round_trip(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data: digits\nepochs: 4\nlr: 0.01\n")
+    cfg = TrainConfig.load(p)
+    assert (cfg.epochs, cfg.lr, cfg.data) == (4, 0.01, "digits")
+    p.write_text("data: digits\nbatchsize: 4\n")
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig.load(p)
+
+
+def test_seeded_training_is_reproducible(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    a = train(_digits(tmp_path, "s1", epochs=1, subset=300), progress=False)
+    b = train(_digits(tmp_path, "s2", epochs=1, subset=300), progress=False)
+    wa = load_file(str(a.bundle_dir / "model.safetensors"))
+    wb = load_file(str(b.bundle_dir / "model.safetensors"))
+    assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
