@@ -63,6 +63,8 @@ class TrainConfig:
     cache_dir: str | None = None  # None: $IMGCLF_CACHE_DIR or ~/.cache/imgclf
     max_pixels: int = 100_000_000
     compile: bool = False  # torch.compile the model
+    ray_workers: int | None = None  # data-parallel training on Ray with this many workers (imgclf[ray])
+    ray_address: str | None = None  # Ray cluster: auto, ray://host:10001; None: start a local one
     extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific values
 
     def validate(self) -> TrainConfig:
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ConfigError("img_size must be >= 8")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ConfigError("ray_workers must be >= 1 (or leave it out to train in this process)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,5 +185,9 @@ HELP: dict[str, str] = {
     "cache_dir": "decoded-image cache (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)",
     "max_pixels": "refuse images with more pixels than this (decompression-bomb guard)",
     "compile": "torch.compile the model (slower start, may train faster)",
+    "ray_workers": "train data-parallel on Ray with this many workers (DDP; needs pip install "
+    "'imgclf[ray]'); the global batch size stays --batch-size",
+    "ray_address": "Ray cluster to join with --ray-workers: auto (a `ray start` cluster on this "
+    "machine) or ray://HEAD:10001; default: start a local one",
     "extra": "recipe-specific values (config files only)",
 }
