@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
-from typing import IO, Union
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -18,7 +19,43 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # 8000 x 8000 photos are real in scraped sets; anything much larger is treated as a bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
 
-ImageSource = Union[str, os.PathLike, bytes, IO[bytes], Image.Image]
+ImageSource = str | os.PathLike | bytes | IO[bytes] | Image.Image
+
+# Raster formats we decode. Everything else (EPS/PDF/WMF run external programs or vector
+# code; FITS, GRIB, MPEG and friends are not photos) is refused as "not an image".
+# MPO is what PIL calls multi-picture JPEGs from phone cameras.
+SUPPORTED_FORMATS = (
+    "JPEG",
+    "MPO",
+    "PNG",
+    "GIF",
+    "BMP",
+    "DIB",
+    "TIFF",
+    "WEBP",
+    "PPM",
+    "ICO",
+    "TGA",
+    "PCX",
+    "QOI",
+    "AVIF",
+    "JPEG2000",
+    "PSD",
+    "SGI",
+)
+
+# PIL warns (UserWarning) about the corrupt files it can still read and about large images
+# (DecompressionBombWarning); we check the pixel count ourselves against ``max_pixels`` and
+# report real failures as ImageDecodeError, so these only add noise. A module-level filter,
+# because warnings.catch_warnings() is not thread-safe and decoding runs in threads.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def open_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in SUPPORTED_FORMATS if f in Image.OPEN)
+
 
 # Extensions used only to *list* candidate files in folders; content decides the rest.
 IMAGE_EXTENSIONS = {
@@ -80,7 +117,13 @@ def _read_bytes(src: ImageSource, label: str, max_bytes: int | None) -> bytes:
         except OSError as e:
             raise ImageDecodeError(label, "cannot read file", str(e)) from e
     else:
-        data = src.read(max_bytes + 1 if max_bytes is not None else -1)
+        try:
+            data = src.read(max_bytes + 1 if max_bytes is not None else -1)
+        except (OSError, ValueError) as e:
+            raise ImageDecodeError(label, "cannot read stream", str(e)) from e
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageDecodeError(label, "not an image", f"stream returned {type(data).__name__}, not bytes")
+        data = bytes(data)
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageDecodeError(label, "file too large", f"> limit {max_bytes} bytes")
     if not data:
@@ -132,17 +175,16 @@ def open_image(
     else:
         data = _read_bytes(src, label, max_bytes)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=open_formats())
         except UnidentifiedImageError as e:
             raise ImageDecodeError(label, "not an image", "unrecognised file content") from e
-        except Image.DecompressionBombWarning as e:
-            raise ImageDecodeError(label, "too many pixels", str(e)) from e
         except Image.DecompressionBombError as e:
             raise ImageDecodeError(label, "too many pixels", str(e)) from e
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file, not a crash
-            raise ImageDecodeError(label, "corrupt image header", f"{type(e).__name__}: {e}") from e
+            # A file cut short inside its header (big EXIF blocks make this common) is truncated.
+            cut = isinstance(e, (EOFError, struct.error)) or "truncated" in str(e).lower()
+            reason = "truncated image" if cut else "corrupt image header"
+            raise ImageDecodeError(label, reason, f"{type(e).__name__}: {e}") from e
     try:
         w, h = img.size
         if w <= 0 or h <= 0:
@@ -153,7 +195,7 @@ def open_image(
             )
         if getattr(img, "is_animated", False):
             img.seek(0)
-        if size is not None and img.format == "JPEG":
+        if size is not None and img.format in ("JPEG", "MPO"):
             # Orientation may swap axes, so ask for enough pixels on both.
             side = max(size)
             img.draft(img.mode if img.mode in ("RGB", "L") else None, (side, side))
@@ -167,7 +209,7 @@ def open_image(
         return to_mode(img, channels)
     except ImageDecodeError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct_error()) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         text = str(e)
         reason = "truncated image" if "truncated" in text.lower() else "corrupt image data"
         raise ImageDecodeError(label, reason, f"{type(e).__name__}: {text}") from e
@@ -175,12 +217,6 @@ def open_image(
         raise ImageDecodeError(label, "too many pixels", "out of memory while decoding") from e
     except Exception as e:  # noqa: BLE001 - decoders raise odd types on fuzzed data
         raise ImageDecodeError(label, "corrupt image data", f"{type(e).__name__}: {e}") from e
-
-
-def struct_error() -> type[Exception]:
-    import struct
-
-    return struct.error
 
 
 def resize(img: Image.Image, size: tuple[int, int], method: str = "bilinear") -> Image.Image:
