@@ -605,8 +605,12 @@ def summary_text(report: dict[str, Any], max_list: int = 10) -> str:
         )
     lines.append(
         f"exact duplicates: {t['exact_duplicate_groups']} group(s); near-duplicates "
-        f"(phash distance <= {report['settings']['near_threshold']}): {t['near_duplicate_groups']} group(s); "
-        f"label conflicts: {t['label_conflicts']}; cross-split leakage: {t['leakage_groups']}"
+        + (
+            f"(phash distance <= {thr}): {t['near_duplicate_groups']} group(s); "
+            if (thr := report["settings"]["near_threshold"]) is not None
+            else "not checked (--no-near); "
+        )
+        + f"label conflicts: {t['label_conflicts']}; cross-split leakage: {t['leakage_groups']}"
         + ("" if report["splits_checked"] else " (no splits to check)")
     )
 
