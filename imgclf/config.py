@@ -24,6 +24,8 @@ class TrainConfig:
 
     data: str = "digits"  # folder path, IDX folder, or built-in: mnist, fashion-mnist, digits
     model: str | None = None  # registry name; None: lenet for greyscale built-ins, else smallervggnet
+    init_weights: str | None = None  # safetensors file/bundle: load matching layers (imgclf.transfer)
+    pretrained: bool = False  # timm:<name> models only: start from timm's pretrained weights
     out: str = "runs/train"
     recipe: str = "default"  # default | tutorial | best (see imgclf.recipes)
     epochs: int = 20
@@ -144,6 +146,11 @@ HELP: dict[str, str] = {
     "data": "image folder (<dir>/<class>/<img>, or <dir>/train|val|test/<class>/<img>), "
     "a folder of IDX files, or a built-in: mnist, fashion-mnist, digits",
     "model": "architecture from `imgclf models` (default: lenet for greyscale built-ins, else smallervggnet)",
+    "init_weights": "transfer learning: a .safetensors file, bundle or run folder whose layers with "
+    "the same name and shape are loaded before training (the classifier head is re-initialised "
+    "when the class count differs)",
+    "pretrained": "with --model timm:<name>: start from timm's pretrained weights (needs pip install "
+    "'imgclf[timm]' and network access the first time)",
     "out": "run folder to create (model/, history.csv, metrics.json, plot.png, logs)",
     "recipe": "training recipe: default (these settings), tutorial (the tutorial's exact settings), "
     "best (our tuned training)",

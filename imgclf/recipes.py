@@ -2,22 +2,206 @@
 
 ``default`` is the plain TrainConfig defaults. ``tutorial`` reproduces each tutorial's exact
 settings for its dataset; ``best`` is our tuned training for the same architecture.
+
+A recipe is looked up by (dataset, model): the dataset is recognised from ``data`` (``mnist``,
+``fashion-mnist``, ``digits``, an IDX folder, or ``folder`` for any image folder) and the model
+defaults as :func:`imgclf.train.resolve_defaults` does. Values the user gave always win.
+See docs/ACCURACY.md for the measurements behind the ``best`` values.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig
 
+RECIPES = ("default", "tutorial", "best")
+GREY_BUILTINS = ("mnist", "fashion-mnist", "digits")
+
+# ----------------------------------------------------------------------------- tutorial
+# Each entry: the tutorial's own settings. "*" matches any dataset. Sources:
+# - LeNet: PyImageSearch "LeNet - Convolutional Neural Network in Python" (2016):
+#   SGD(lr=0.01) without momentum, 20 epochs, batch 128, pixels / 255, no augmentation;
+#   reported 98-99 % on MNIST. Fashion-MNIST: the same network and optimiser run for 50 epochs
+#   (the issue's reference, "~90 %").
+# - MiniVGG: PyImageSearch "Fashion MNIST with Keras and Deep Learning" (2019):
+#   SGD(lr=1e-2, momentum=0.9, decay=1e-2/25), 25 epochs, batch 32, no augmentation. Keras'
+#   SGD there is not Nesterov; our loop uses Nesterov whenever momentum > 0 (documented
+#   difference). Our `minivgg` has the apparel net's three blocks, the tutorial's two.
+# - SmallerVGGNet: PyImageSearch "Keras and Convolutional Neural Networks (CNNs)" (Pokedex,
+#   2018): Adam(lr=1e-3, decay=1e-3/100), 100 epochs, batch 32, 96x96x3, ImageDataGenerator
+#   rotation 25, shift 0.1, shear 0.2, zoom 0.2, horizontal flip; 80/20 train/test split.
+_LENET_TUTORIAL: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "momentum": 0.0,
+    "lr_decay": 0.0,
+    "schedule": "keras-decay",
+    "warmup_epochs": 0.0,
+    "weight_decay": 0.0,
+    "label_smoothing": 0.0,
+    "ema": 0.0,
+    "epochs": 20,
+    "batch_size": 128,
+    "augment": "off",
+}
+_KERAS_AUG = {"augment": "on", "rotation": 25.0, "shift": 0.1, "shear": 0.2, "zoom": 0.2, "flip": "on"}
+TUTORIAL: dict[tuple[str, str], dict[str, Any]] = {
+    ("*", "lenet"): _LENET_TUTORIAL,
+    ("fashion-mnist", "lenet"): {**_LENET_TUTORIAL, "epochs": 50},
+    ("*", "minivgg"): {
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "lr_decay": "lr/epochs",
+        "schedule": "keras-decay",
+        "epochs": 25,
+        "batch_size": 32,
+        "augment": "off",
+    },
+    ("*", "smallervggnet"): {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "lr_decay": "lr/epochs",
+        "schedule": "keras-decay",
+        "epochs": 100,
+        "batch_size": 32,
+        "img_size": 96,
+        **_KERAS_AUG,
+    },
+}
+
+# ----------------------------------------------------------------------------- best
+# Our tuned training, same architectures. Chosen by short A/B runs on this CPU (numbers in
+# docs/ACCURACY.md): SGD+Nesterov with a warm-up then one-cycle decay beats the tutorials'
+# constant/Keras-decay rates at the same epoch budget; light shift/rotation helps digits
+# (never flip them); flip + shift helps clothing and hands; label smoothing and weight decay
+# (not on BatchNorm/bias, see train._param_groups) reduce over-fitting of the dense layers.
+_LENET_BEST: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "schedule": "onecycle",
+    "warmup_epochs": 1.0,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.1,
+    "epochs": 15,
+    "batch_size": 128,
+    "augment": "on",
+    "rotation": 10.0,
+    "shift": 0.1,
+    "shear": 0.0,
+    "zoom": 0.1,
+    "flip": "off",
+}
+_CNN_BEST: dict[str, Any] = {
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "momentum": 0.9,
+    "schedule": "onecycle",
+    "warmup_epochs": 1.0,
+    "weight_decay": 5e-4,
+    "label_smoothing": 0.1,
+    "epochs": 30,
+    "batch_size": 64,
+    "augment": "on",
+    "rotation": 10.0,
+    "shift": 0.1,
+    "shear": 0.0,
+    "zoom": 0.1,
+    "flip": "on",
+}
+_FASHION = {"flip": "on", "rotation": 0.0, "zoom": 0.0}
+_DIGITS = {"flip": "off"}
+BEST: dict[tuple[str, str], dict[str, Any]] = {
+    ("*", "lenet"): _LENET_BEST,
+    ("fashion-mnist", "lenet"): {**_LENET_BEST, **_FASHION, "epochs": 30},
+    ("*", "minivgg"): {**_CNN_BEST, "lr": 0.05},
+    ("fashion-mnist", "minivgg"): {**_CNN_BEST, **_FASHION},
+    ("*", "resnet20"): {**_CNN_BEST, "lr": 0.1, "batch_size": 128},
+    ("fashion-mnist", "resnet20"): {**_CNN_BEST, **_FASHION, "lr": 0.1, "batch_size": 128},
+    ("*", "mobilenetv3_small"): {**_CNN_BEST, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05},
+    ("*", "smallervggnet"): {**_CNN_BEST, "lr": 0.02, "epochs": 40, "img_size": 64},
+    ("*", "simplecnn"): {**_CNN_BEST, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01},
+}
+for _model in ("minivgg", "resnet20", "mobilenetv3_small", "smallervggnet", "simplecnn"):
+    for _ds in ("mnist", "digits"):
+        BEST.setdefault((_ds, _model), {**BEST[("*", _model)], **_DIGITS})
+
+# Folders get a held-out test set so that a recipe's row reports test accuracy; both recipes
+# use the same seeded split, so their test numbers compare like for like.
+_FOLDER_SPLITS = {"val_split": 0.1, "test_split": 0.2}
+
+
+def dataset_key(data: str) -> str:
+    """``mnist`` | ``fashion-mnist`` | ``digits`` | ``folder`` for a ``--data`` value."""
+    if data in GREY_BUILTINS:
+        return data
+    p = Path(data)
+    if p.is_dir():
+        from .data import _has_idx
+
+        if _has_idx(p):
+            return "fashion-mnist" if "fashion" in p.name.lower() else "mnist"
+    return "folder"
+
+
+def default_model(dataset: str) -> str:
+    """The model :func:`imgclf.train.resolve_defaults` picks when none is given."""
+    return "lenet" if dataset in GREY_BUILTINS else "smallervggnet"
+
+
+def _lookup(table: dict[tuple[str, str], dict[str, Any]], dataset: str, model: str) -> dict[str, Any] | None:
+    return table.get((dataset, model), table.get(("*", model)))
+
 
 def recipe_values(recipe: str, given: dict[str, Any]) -> dict[str, Any]:
     """Config values of ``recipe`` for the data/model in ``given`` (before user overrides)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
     if recipe == "default":
         return {}
-    if recipe in ("tutorial", "best"):
-        return {}
-    raise ConfigError(f"unknown recipe {recipe!r}; choose default, tutorial or best")
+    data = str(given.get("data", TrainConfig.data))
+    dataset = dataset_key(data)
+    model = str(given.get("model") or default_model(dataset)).lower()
+    if model.startswith("timm:"):
+        # Pretrained timm nets fine-tune best with a small AdamW rate and a short cosine run.
+        vals: dict[str, Any] | None = {
+            "optimizer": "adamw",
+            "lr": 3e-4,
+            "weight_decay": 0.05,
+            "schedule": "cosine",
+            "warmup_epochs": 1.0,
+            "label_smoothing": 0.1,
+            "epochs": 10,
+        }
+        if recipe == "tutorial":
+            vals = None
+    else:
+        vals = _lookup(TUTORIAL if recipe == "tutorial" else BEST, dataset, model)
+    if vals is None:
+        have = sorted({m for _, m in (TUTORIAL if recipe == "tutorial" else BEST)})
+        raise ConfigError(
+            f"--recipe {recipe}: no {recipe} settings for model {model!r}; recipes exist for "
+            f"{', '.join(have)}. Use --recipe default, or another --model."
+        )
+    out = dict(vals)
+    if out.get("lr_decay") == "lr/epochs":
+        # Keras' decay=INIT_LR/EPOCHS, kept in step with the lr and epochs actually used.
+        out["lr_decay"] = float(given.get("lr", out["lr"])) / int(given.get("epochs", out["epochs"]))
+    if dataset == "folder":
+        out = {**_FOLDER_SPLITS, **out}
+    elif dataset in ("mnist", "fashion-mnist") and model not in ("lenet",) and not model.startswith("timm:"):
+        # Keep 28x28 digits/clothes at native size (the tutorials do); MobileNet's stem wants 32.
+        out.setdefault("img_size", 32 if model.startswith("mobilenet") else 28)
+    return out
+
+
+def describe(recipe: str, given: dict[str, Any]) -> str:
+    """One line naming the keys a recipe sets, for logs and --help."""
+    vals = recipe_values(recipe, given)
+    return ", ".join(f"{k}={v}" for k, v in sorted(vals.items())) or "(TrainConfig defaults)"
 
 
 def config_from(given: dict[str, Any]) -> TrainConfig:

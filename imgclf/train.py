@@ -386,6 +386,9 @@ def _train(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
+    from .transfer import check_config, init_model
+
+    check_config(cfg)  # timm installed, --init-weights readable: fail before decoding data
     index = D.index_source(cfg.data, cfg.cache_dir)
     cfg = resolve_defaults(cfg, index)
     if dist.is_main:
@@ -428,6 +431,8 @@ def _train(
 
     classes = index.classes
     model = create_model(cfg.model, num_classes=len(classes), in_channels=pre.channels, img_size=size)
+    if not resuming:
+        init_model(model, cfg)  # --init-weights / --pretrained (a resumed run loads its checkpoint)
     model = model.to(memory_format=torch.channels_last)
     binary = num_outputs(len(classes), get_spec(cfg.model)) == 1
     opt = make_optimizer(model, cfg)

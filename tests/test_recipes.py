@@ -1,0 +1,234 @@
+"""Recipes (tutorial/best), transfer learning (--init-weights, timm adapter) and TTA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imgclf.config import ConfigError, TrainConfig
+from imgclf.recipes import config_from, dataset_key, recipe_values
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_tutorial_recipe_mnist_lenet_is_the_tutorials_settings() -> None:
+    cfg = config_from({"data": "mnist", "model": "lenet", "recipe": "tutorial"})
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.lr_decay) == ("sgd", 0.01, 0.0, 0.0)
+    assert (cfg.epochs, cfg.batch_size, cfg.augment) == (20, 128, "off")
+    # Fashion-MNIST: same net and optimiser, 50 epochs.
+    assert config_from({"data": "fashion-mnist", "recipe": "tutorial"}).epochs == 50
+
+
+def test_recipe_fills_only_keys_the_user_did_not_set() -> None:
+    cfg = config_from({"data": "mnist", "recipe": "tutorial", "lr": 0.05, "epochs": 3, "augment": "on"})
+    assert (cfg.lr, cfg.epochs, cfg.augment) == (0.05, 3, "on")  # the user's values
+    assert (cfg.optimizer, cfg.batch_size) == ("sgd", 128)  # the recipe's
+    # default recipe: exactly the TrainConfig defaults
+    d = config_from({"data": "mnist", "recipe": "default"})
+    assert (d.optimizer, d.lr, d.epochs, d.batch_size) == (
+        TrainConfig.optimizer,
+        TrainConfig.lr,
+        TrainConfig.epochs,
+        TrainConfig.batch_size,
+    )
+
+
+def test_keras_decay_follows_the_lr_and_epochs_in_use(sign_dir: Path) -> None:
+    cfg = config_from({"data": str(sign_dir), "recipe": "tutorial"})
+    assert cfg.model is None and dataset_key(str(sign_dir)) == "folder"
+    assert (cfg.optimizer, cfg.lr, cfg.epochs, cfg.batch_size, cfg.img_size) == ("adam", 1e-3, 100, 32, 96)
+    assert cfg.lr_decay == pytest.approx(1e-3 / 100)
+    assert (cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, cfg.flip) == (25.0, 0.1, 0.2, 0.2, "on")
+    assert cfg.test_split == 0.2  # a held-out test set for folders
+    short = config_from({"data": str(sign_dir), "recipe": "tutorial", "epochs": 10, "lr": 2e-3})
+    assert short.lr_decay == pytest.approx(2e-3 / 10)
+
+
+def test_best_recipe_never_flips_digits_but_flips_clothes() -> None:
+    m = config_from({"data": "mnist", "recipe": "best"})
+    f = config_from({"data": "fashion-mnist", "recipe": "best"})
+    assert m.flip == "off" and m.augment == "on"
+    assert f.flip == "on"
+    assert m.schedule in ("onecycle", "cosine") and m.warmup_epochs > 0
+    # A non-LeNet model on 28x28 data stays at the native size.
+    assert config_from({"data": "fashion-mnist", "model": "resnet20", "recipe": "best"}).img_size == 28
+
+
+def test_unknown_recipe_and_missing_tutorial_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown recipe 'fastest'.*tutorial"):
+        config_from({"data": "mnist", "recipe": "fastest"})
+    with pytest.raises(ConfigError, match="no tutorial settings for model 'resnet20'.*lenet"):
+        recipe_values("tutorial", {"data": "mnist", "model": "resnet20"})
+
+
+def test_cli_unknown_recipe_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from imgclf.cli import main
+
+    rc = main(["train", "--data", "mnist", "--recipe", "fastest", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and "unknown recipe" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- transfer
+
+
+def test_init_weights_loads_matching_layers_and_replaces_head(mnist_bundle: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from imgclf.models import create_model
+    from imgclf.transfer import load_init_weights
+
+    src = load_file(str(mnist_bundle / "model.safetensors"))
+    torch.manual_seed(1)
+    model = create_model("lenet", num_classes=3, in_channels=1, img_size=28)
+    fresh_head = model.state_dict()["classifier.fc2.weight"].clone()
+    rep = load_init_weights(model, mnist_bundle)  # a bundle folder works as well as the file
+    sd = model.state_dict()
+    for k in (
+        "features.conv1.weight",
+        "features.conv2.weight",
+        "classifier.fc1.weight",
+        "classifier.fc1.bias",
+    ):
+        assert torch.equal(sd[k], src[k]), k
+        assert k in rep.loaded
+    # 10-class head -> 3-class head: kept its fresh initialisation
+    assert sd["classifier.fc2.weight"].shape == (3, 500)
+    assert torch.equal(sd["classifier.fc2.weight"], fresh_head)
+    assert {"classifier.fc2.weight", "classifier.fc2.bias"} <= set(rep.reinitialised)
+
+
+def test_init_weights_adapts_grey_first_conv_to_rgb(mnist_bundle: Path) -> None:
+    from imgclf.bundle import load_bundle
+    from imgclf.models import create_model
+    from imgclf.transfer import load_init_weights
+
+    grey = load_bundle(mnist_bundle).model.float().eval()
+    rgb = create_model("lenet", num_classes=10, in_channels=3, img_size=28).eval()
+    rep = load_init_weights(rgb, mnist_bundle / "model.safetensors")
+    assert rep.adapted == ["features.conv1.weight"]
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        # A grey image given as three equal channels gives the same logits as the grey model.
+        assert torch.allclose(rgb(x.repeat(1, 3, 1, 1)), grey(x), atol=1e-4)
+
+
+def test_init_weights_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from imgclf.models import create_model
+    from imgclf.transfer import TransferError, load_init_weights
+
+    lenet = create_model("lenet", num_classes=10, in_channels=1, img_size=28)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_init_weights(lenet, tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(TransferError, match="not a safetensors file"):
+        load_init_weights(lenet, junk)
+    other = tmp_path / "resnet.safetensors"
+    save_file(create_model("resnet20", num_classes=10).state_dict(), str(other))
+    with pytest.raises(TransferError, match="no layer matches lenet"):
+        load_init_weights(lenet, other)
+
+
+def test_train_with_init_weights_starts_from_them(mnist_bundle: Path, tmp_path: Path) -> None:
+    """Through the real training loop: with a negligible lr the trained conv1 is the source's."""
+    from safetensors.torch import load_file
+
+    from imgclf.train import train
+
+    cfg = config_from(
+        {
+            "data": "digits",
+            "model": "lenet",
+            "init_weights": str(mnist_bundle / "model.safetensors"),
+            "optimizer": "sgd",
+            "momentum": 0.0,
+            "lr": 1e-12,
+            "epochs": 1,
+            "subset": 256,
+            "out": str(tmp_path / "ft"),
+            "tensorboard": False,
+        }
+    )
+    res = train(cfg, progress=False)
+    src = load_file(str(mnist_bundle / "model.safetensors"))
+    got = load_file(str(res.bundle_dir / "model.safetensors"))
+    assert torch.allclose(got["features.conv1.weight"], src["features.conv1.weight"], atol=1e-6)
+    assert "init weights" in (res.run_dir / "train.log").read_text()
+
+
+def test_init_weights_missing_file_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from imgclf.cli import main
+
+    rc = main(["train", "--data", "digits", "--init-weights", str(tmp_path / "nope.safetensors"),
+               "--out", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.safetensors: no such file" in err and "Traceback" not in err
+
+
+def test_pretrained_needs_a_timm_model() -> None:
+    from imgclf.transfer import check_config
+
+    with pytest.raises(ConfigError, match="--pretrained works with --model timm"):
+        check_config(TrainConfig(model="lenet", pretrained=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed")
+def test_timm_model_without_timm_says_how_to_install(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from imgclf.cli import main
+
+    rc = main(["train", "--data", "digits", "--model", "timm:resnet18", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pip install 'imgclf[timm]'" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- TTA
+
+
+@pytest.fixture(scope="module")
+def mnist_test_batch(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    from imgclf import data as D
+
+    index = D.index_source("mnist")
+    idx = np.flatnonzero(index.split == "test")[:200]
+    return index.arrays[idx][..., None], index.labels[idx]
+
+
+def test_tta_probabilities_and_identity_set(mnist_bundle: Path, mnist_test_batch) -> None:
+    from imgclf.bundle import load_bundle
+    from imgclf.tta import auto_views, predict_tta
+
+    b = load_bundle(mnist_bundle)
+    x, y = mnist_test_batch
+    plain = b.predict_batch(x)
+    ident = predict_tta(b, x, "identity")
+    np.testing.assert_allclose(ident, plain, rtol=1e-5, atol=1e-6)
+    assert auto_views(b) == "shift"  # trained without flips: digits are never flipped at test time
+    probs = predict_tta(b, x)
+    assert probs.shape == (len(x), 10)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert not np.allclose(probs, plain)  # the shifted views do change the average
+    # Averaging near-identical views must not wreck a working classifier.
+    assert (probs.argmax(1) == y).mean() >= (plain.argmax(1) == y).mean() - 0.05
+
+
+def test_tta_shift_and_flip_views_move_pixels() -> None:
+    from imgclf.tta import _hflip, _shift, views_for
+
+    x = np.zeros((1, 5, 5, 1), np.uint8)
+    x[0, 2, 1, 0] = 255
+    assert _shift(1, 0)(x)[0, 3, 1, 0] == 255  # down by one
+    assert _shift(0, -1)(x)[0, 2, 0, 0] == 255  # left by one
+    assert _hflip(x)[0, 2, 3, 0] == 255
+    assert len(views_for("flip-shift", 28)) == 6 and len(views_for("flip-shift", 28, flip_ok=False)) == 5
+    with pytest.raises(ValueError, match="unknown TTA set"):
+        views_for("rotate", 28)
