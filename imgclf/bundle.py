@@ -11,10 +11,13 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +25,8 @@ import torch
 from .imageio import ImageSource
 from .preprocess import Preprocess, array_to_uint8, load_uint8, normalize
 
+BACKENDS = ("auto", "torch", "onnxruntime")
+BACKEND_ENV = "IMGCLF_BACKEND"
 FORMAT = "imgclf-bundle"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -123,14 +128,24 @@ def resolve_bundle_dir(path: str | Path) -> Path:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the eval-mode network, its preprocessing and class names."""
+    """A loaded bundle: the eval-mode network, its preprocessing and class names.
+
+    ``backend`` is how :meth:`predict_batch` runs: ``"onnxruntime"`` (an ORT session over the
+    exported graph, built on first use) or ``"torch"`` (PyTorch eager). ``model`` is None for a
+    bundle loaded from an exported ``.onnx`` file.
+    """
 
     path: Path
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     pre: Preprocess
     classes: list[str]
     meta: dict[str, Any]
     _batch: int = field(default=64, repr=False)
+    backend: str = "torch"
+    # True when the backend was chosen automatically: an ORT failure then falls back to eager.
+    _auto: bool = field(default=False, repr=False)
+    _runner: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def sha256(self) -> str:
@@ -144,19 +159,60 @@ class Bundle:
 
     @torch.inference_mode()
     def logits(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw network output in PyTorch eager (needs the bundle folder, not an .onnx file)."""
+        if self.model is None:
+            raise BundleError(
+                f"{self.path}: an exported .onnx model gives probabilities only; load the bundle folder"
+            )
         x = normalize(torch.as_tensor(batch), self.pre)
         return self.model(x)
 
-    @torch.inference_mode()
+    def _ort(self) -> Any:
+        """The ORT runner, built once (thread-safe); None when running in eager."""
+        if self.backend != "onnxruntime":
+            return None
+        if self._runner is None:
+            with self._lock:
+                if self._runner is None and self.backend == "onnxruntime":
+                    try:
+                        from .export import cached_onnx_bytes
+                        from .onnxrt import OrtRunner
+
+                        self._runner = OrtRunner(cached_onnx_bytes(self))
+                    except Exception as e:
+                        if not self._auto:
+                            raise BundleError(
+                                f"{self.path}: cannot run with onnxruntime ({e}); "
+                                f"set {BACKEND_ENV}=torch to use PyTorch"
+                            ) from e
+                        warnings.warn(
+                            f"{self.path}: onnxruntime unavailable ({e}); using PyTorch", stacklevel=3
+                        )
+                        self.backend = "torch"
+        return self._runner
+
     def predict_batch(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 NHWC batch -> class probabilities (N, K) as float32 numpy."""
+        if len(batch) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        if isinstance(batch, torch.Tensor):
+            batch = batch.cpu().numpy()
+        runner = self._ort()
+        if runner is not None and (batch.dtype != np.uint8 and self.model is None):
+            # The exported graph takes uint8; float 0-255 input is rounded the way PIL would.
+            batch = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+        if runner is None or batch.dtype != np.uint8:
+            return self._predict_eager(batch)
+        outs = [runner(batch[s : s + self._batch]) for s in range(0, len(batch), self._batch)]
+        return np.concatenate(outs)
+
+    @torch.inference_mode()
+    def _predict_eager(self, batch: np.ndarray) -> np.ndarray:
         from .models import logits_to_probs
 
         outs = []
         for s in range(0, len(batch), self._batch):
             outs.append(logits_to_probs(self.logits(batch[s : s + self._batch])).float().numpy())
-        if not outs:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
         return np.concatenate(outs)
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
@@ -177,13 +233,68 @@ class Bundle:
         return self.top_k(self.predict_batch(batch), top_k)
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load and verify a bundle folder (or run folder, or model.json path)."""
+def resolve_backend(backend: str | None) -> tuple[str, bool]:
+    """(backend, chosen automatically). None means $IMGCLF_BACKEND, else ``auto``.
+
+    ``auto`` picks onnxruntime when it is installed: measured on smallervggnet 96x96 it is
+    about 4x faster than eager for one image and 2x for a batch of 64 (docs/EXPORT.md).
+    """
+    from . import onnxrt
+
+    b = (backend or os.environ.get(BACKEND_ENV, "") or "auto").strip().lower()
+    if b not in BACKENDS:
+        src = f"{BACKEND_ENV}={b}" if backend is None else f"backend={b!r}"
+        raise BundleError(f"{src}: unknown inference backend; choose one of {', '.join(BACKENDS)}")
+    if b == "auto":
+        return ("onnxruntime" if onnxrt.available() else "torch"), True
+    if b == "onnxruntime" and not onnxrt.available():
+        raise BundleError("backend onnxruntime asked for but not installed: pip install onnxruntime")
+    return b, False
+
+
+def _load_onnx(p: Path, backend: str | None) -> Bundle:
+    """A Bundle over an exported .onnx file: preprocessing and classes from its metadata."""
+    from . import onnxrt
+
+    if backend not in (None, "auto", "onnxruntime"):
+        raise BundleError(f"{p}: an .onnx file runs with onnxruntime only, not backend {backend!r}")
+    if not onnxrt.available():
+        raise BundleError(f"{p}: running an .onnx file needs onnxruntime: pip install onnxruntime")
+    try:
+        props = onnxrt.read_metadata(p)
+        meta = onnxrt.parse_imgclf_metadata(props, str(p))
+        runner = onnxrt.OrtRunner(p)
+    except ValueError as e:
+        raise BundleError(str(e)) from e
+    except Exception as e:  # onnx.DecodeError, ORT's InvalidGraph/Fail: all mean a bad file
+        raise BundleError(f"{p}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
+    pre = Preprocess.from_dict(meta["preprocess"])
+    h, w = pre.size
+    if runner.input_type != "tensor(uint8)" or runner.input_shape[1:] != [h, w, pre.channels]:
+        raise BundleError(
+            f"{p}: graph input is {runner.input_type} {runner.input_shape}, expected uint8 "
+            f"[batch, {h}, {w}, {pre.channels}]; re-export it with `imgclf export`"
+        )
+    meta.update(format=FORMAT, source="onnx", input={"size": [h, w], "channels": pre.channels})
+    return Bundle(p, None, pre, list(meta["classes"]), meta, backend="onnxruntime", _runner=runner)
+
+
+def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
+    """Load and verify a bundle folder (or run folder, or model.json path), or an exported .onnx file.
+
+    ``backend``: ``"auto"`` (onnxruntime when installed, else PyTorch), ``"torch"`` or
+    ``"onnxruntime"``; None reads $IMGCLF_BACKEND and defaults to auto.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     from .models import UnknownModelError, create_model
 
+    if Path(path).suffix.lower() == ".onnx":
+        if not Path(path).is_file():
+            raise BundleError(f"{path}: no such ONNX file")
+        return _load_onnx(Path(path), backend)
+    chosen, auto = resolve_backend(backend)
     d = resolve_bundle_dir(path)
     if not d.exists():
         raise BundleError(f"{d}: no such bundle. Give the folder holding {META} and {WEIGHTS}.")
@@ -225,4 +336,4 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{w_p}: weights do not fit architecture {arch['name']}: {e}") from e
     model.eval().to(memory_format=torch.channels_last)
     pre = Preprocess.from_dict(meta["preprocess"])
-    return Bundle(d, model, pre, list(meta["classes"]), meta)
+    return Bundle(d, model, pre, list(meta["classes"]), meta, backend=chosen, _auto=auto)

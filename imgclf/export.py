@@ -1,0 +1,587 @@
+"""Export a bundle for deployment: ONNX, TorchScript, Core ML and TFLite.
+
+Every format wraps the network in :class:`InferenceWrapper`, which runs
+:func:`imgclf.preprocess.normalize` (the same arithmetic as training and ``predict``) and
+:func:`imgclf.models.logits_to_probs` inside the exported graph. A deployed model therefore
+takes the uint8 image at the model's size and returns class probabilities: there is no
+preprocessing to re-implement in the app, and no way to get it subtly wrong.
+
+Heavy converters (coremltools, litert-torch) are imported only when their format is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import Bundle, BundleError, atomic_write_bytes
+from .models import logits_to_probs
+from .onnxrt import META_FORMAT, META_PREFIX
+from .preprocess import Preprocess, normalize
+
+FORMATS = ("onnx", "torchscript", "coreml", "tflite")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage", "tflite": ".tflite"}
+OPSET = 17
+# Bump when the exported graph changes; part of the user-cache key for in-memory ORT sessions.
+EXPORT_VERSION = 1
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+class ExportError(BundleError):
+    """An export that cannot be done as asked; the message says what to install or change."""
+
+
+class InferenceWrapper(nn.Module):
+    """uint8 NHWC image batch -> class probabilities, preprocessing included."""
+
+    def __init__(self, model: nn.Module, pre: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        self.pre = pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_to_probs(self.model(normalize(x, self.pre)))
+
+
+class ImageInputWrapper(InferenceWrapper):
+    """Core ML's ImageType hands the model float NCHW in 0-255; go back to NHWC and reuse normalize."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1))
+
+
+@dataclass
+class Parity:
+    """Exported model vs the bundle in PyTorch eager on the same uint8 images."""
+
+    n: int
+    max_abs_diff: float
+    top1_agree: int
+
+    @property
+    def ok(self) -> bool:
+        return self.top1_agree == self.n and self.max_abs_diff <= 1e-4
+
+    def __str__(self) -> str:
+        return f"top-1 agrees on {self.top1_agree}/{self.n} images, max |prob diff| {self.max_abs_diff:.2e}"
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: Path
+    extra: list[Path] = field(default_factory=list)
+    parity: Parity | None = None
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _wrapper(bundle: Bundle, cls: type[InferenceWrapper] = InferenceWrapper) -> InferenceWrapper:
+    if bundle.model is None:
+        raise ExportError(
+            f"{bundle.path}: this model was loaded from an exported file; export from the bundle "
+            "folder (a run's model/ folder) instead"
+        )
+    # A contiguous NCHW copy (Module.to is in place, so copy first): channels_last buys
+    # nothing in a traced graph and some converters trip over the strides.
+    model = copy.deepcopy(bundle.model).to(memory_format=torch.contiguous_format)
+    return cls(model, bundle.pre).eval()
+
+
+def _example(pre: Preprocess, n: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h, w = pre.size
+    return torch.randint(0, 256, (n, h, w, pre.channels), dtype=torch.uint8, generator=g)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Tracing warns about the constant mean/std tensors and the static head-width check:
+    both are constants by design, so the warnings are noise for the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def bundle_metadata(bundle: Bundle, input_desc: dict[str, Any] | None = None) -> dict[str, str]:
+    """String metadata stored in every exported model (class names, input, preprocessing, hash)."""
+    h, w = bundle.pre.size
+    from . import __version__
+
+    meta = {
+        META_PREFIX + "format": META_FORMAT,
+        META_PREFIX + "format_version": str(EXPORT_VERSION),
+        META_PREFIX + "classes": json.dumps(bundle.classes),
+        META_PREFIX + "input_size": f"{h}x{w}x{bundle.pre.channels}",
+        META_PREFIX + "input": json.dumps(
+            {
+                "name": INPUT_NAME,
+                "layout": "NHWC",
+                "dtype": "uint8",
+                "size": [h, w],
+                "channels": bundle.pre.channels,
+            }
+        ),
+        META_PREFIX + "output": json.dumps({"name": OUTPUT_NAME, "kind": "probabilities"}),
+        META_PREFIX + "preprocess": json.dumps(bundle.pre.to_dict()),
+        META_PREFIX + "architecture": json.dumps(bundle.meta.get("architecture", {})),
+        META_PREFIX + "bundle_sha256": bundle.sha256,
+        META_PREFIX + "version": __version__,
+    }
+    if input_desc is not None:
+        meta[META_PREFIX + "input"] = json.dumps(input_desc)
+    return meta
+
+
+def compare(reference: np.ndarray, probs: np.ndarray) -> Parity:
+    """Parity of ``probs`` against ``reference`` (both (N, K))."""
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.shape != reference.shape:
+        raise ExportError(f"exported model returned shape {probs.shape}, expected {reference.shape}")
+    return Parity(
+        n=len(reference),
+        max_abs_diff=float(np.abs(probs - reference).max(initial=0.0)),
+        top1_agree=int((probs.argmax(1) == reference.argmax(1)).sum()),
+    )
+
+
+def eager_probs(bundle: Bundle, images: np.ndarray) -> np.ndarray:
+    """Reference probabilities: the bundle's network in PyTorch eager, whatever its default backend."""
+    if bundle.model is None:
+        raise ExportError(f"{bundle.path}: no PyTorch network to compare against")
+    with torch.inference_mode():
+        return logits_to_probs(bundle.logits(torch.as_tensor(images))).float().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+# ---------------------------------------------------------------------------------------------
+
+
+def onnx_model_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
+    """The checked ONNX graph (uint8 NHWC in, probabilities out, dynamic batch) with metadata."""
+    import onnx
+
+    wrapper = _wrapper(bundle)
+    buf = io.BytesIO()
+    with _quiet(), torch.inference_mode(False), torch.no_grad():
+        # The TorchScript-based exporter: the dynamo one needs onnxscript and gives the same
+        # graph for these plain CNNs.
+        torch.onnx.export(
+            wrapper,
+            (_example(bundle.pre),),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    model.producer_name = "imgclf"
+    model.doc_string = (
+        f"imgclf classifier ({len(bundle.classes)} classes). Input '{INPUT_NAME}': uint8 "
+        f"[batch, {bundle.pre.size[0]}, {bundle.pre.size[1]}, {bundle.pre.channels}] (NHWC, "
+        f"{bundle.pre.color_mode}), already resized. Output '{OUTPUT_NAME}': float32 [batch, "
+        f"{len(bundle.classes)}]. Class names are in metadata 'imgclf.classes'."
+    )
+    onnx.helper.set_model_props(model, bundle_metadata(bundle))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{bundle.path}: exported ONNX graph failed onnx.checker: {e}") from e
+    return model.SerializeToString()
+
+
+def optimized_path_for(path: Path) -> Path:
+    """``model.onnx`` -> ``model.optimized.onnx``."""
+    return path.with_name(path.stem + ".optimized.onnx")
+
+
+def save_ort_optimized(onnx_bytes: bytes, out: Path) -> Path:
+    """Run ORT's graph optimiser once (Conv+ReLU / Gemm fusion, constant folding) and save the result.
+
+    ORT writes the metadata_props through, so the optimised file loads in imgclf just the same.
+    """
+    import onnxruntime as ort
+
+    from .onnxrt import session_options
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        so = session_options(1, optimized_path=tmp)
+        ort.InferenceSession(onnx_bytes, so, providers=["CPUExecutionProvider"])
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def export_onnx(bundle: Bundle, path: str | Path, *, optimized: bool = True) -> ExportResult:
+    """Write ``path`` (checked ONNX) and, if ``optimized``, ``<stem>.optimized.onnx`` for onnxruntime."""
+    out = Path(path)
+    data = onnx_model_bytes(bundle)
+    atomic_write_bytes(out, data)
+    res = ExportResult("onnx", out)
+    if optimized:
+        res.extra.append(save_ort_optimized(data, optimized_path_for(out)))
+    return res
+
+
+def _cache_file(bundle: Bundle) -> Path:
+    from . import __version__
+    from .data import cache_root
+
+    key = json.dumps(
+        [bundle.sha256, bundle.pre.to_dict(), bundle.classes, bundle.meta.get("architecture"),
+         torch.__version__, __version__, EXPORT_VERSION, OPSET],
+        sort_keys=True,
+    )  # fmt: skip
+    return (
+        cache_root() / "onnx" / f"{bundle.sha256[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+    )
+
+
+def cached_onnx_bytes(bundle: Bundle) -> bytes:
+    """The bundle's ONNX graph, from the user cache (keyed by weights sha256) or freshly exported.
+
+    Bundle folders may be read-only, so nothing is written next to the bundle; if the cache
+    is not writable either, the graph simply stays in memory.
+    """
+    f = _cache_file(bundle)
+    try:
+        data = f.read_bytes()
+        from .onnxrt import parse_imgclf_metadata
+
+        import onnx  # isort: skip
+
+        props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+        if parse_imgclf_metadata(props, str(f))["weights_sha256"] == bundle.sha256:
+            return data
+    except (OSError, ValueError, Exception):  # missing, truncated or foreign: re-export
+        pass
+    data = onnx_model_bytes(bundle)
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(f, data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript
+# ---------------------------------------------------------------------------------------------
+
+
+def trace(bundle: Bundle, cls: type[InferenceWrapper] = InferenceWrapper) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of the wrapper; checked on a second batch size (batch stays dynamic)."""
+    wrapper = _wrapper(bundle, cls)
+    ex = _example(bundle.pre, 2)
+    check = _example(bundle.pre, 3, seed=1)
+    if cls is ImageInputWrapper:
+        ex, check = ex.permute(0, 3, 1, 2).float(), check.permute(0, 3, 1, 2).float()
+    with _quiet(), torch.inference_mode(False), torch.no_grad():
+        return torch.jit.trace(wrapper, ex, check_inputs=[(check,)], check_tolerance=1e-5)
+
+
+def export_torchscript(bundle: Bundle, path: str | Path) -> ExportResult:
+    """Write a TorchScript file: ``torch.jit.load(path)(uint8 NHWC) -> probabilities``.
+
+    The metadata is stored as the extra file ``imgclf.json`` inside the archive.
+    """
+    out = Path(path)
+    ts = trace(bundle)
+    buf = io.BytesIO()
+    torch.jit.save(ts, buf, _extra_files={"imgclf.json": json.dumps(bundle_metadata(bundle))})
+    atomic_write_bytes(out, buf.getvalue())
+    return ExportResult("torchscript", out)
+
+
+def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, str]]:
+    """Load an exported TorchScript file and its imgclf metadata."""
+    extra = {"imgclf.json": ""}
+    with _quiet():  # torch.jit.load warns that TorchScript is deprecated; the file still loads
+        m = torch.jit.load(str(path), _extra_files=extra)
+    return m.eval(), json.loads(extra["imgclf.json"] or "{}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Core ML
+# ---------------------------------------------------------------------------------------------
+
+
+def _import_coremltools() -> Any:
+    # coremltools logs a line per missing macOS runtime proxy on Linux; conversion does not need them.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    try:
+        with _quiet():
+            import coremltools as ct
+    except ImportError as e:
+        raise ExportError(
+            "Core ML export needs coremltools: pip install 'imgclf[coreml]' (or pip install coremltools)"
+        ) from e
+    _register_coreml_ops()
+    return ct
+
+
+def _register_coreml_ops() -> None:
+    """coremltools 9 has no translation for ``torch.addcmul``, which normalize() uses; add it
+    as exactly ``input + t1 * t2 * value`` so the arithmetic stays the same as in training."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import (
+        _TORCH_OPS_REGISTRY,
+        register_torch_op,
+    )
+
+    if "addcmul" in _TORCH_OPS_REGISTRY.name_to_func_mapping:
+        return
+
+    def addcmul(context: Any, node: Any) -> None:
+        inp, t1, t2, value = _get_inputs(context, node, expected=4)
+        prod = mb.mul(x=t1, y=t2)
+        if value.val is None or float(value.val) != 1.0:
+            prod = mb.mul(x=prod, y=value)
+        context.add(mb.add(x=inp, y=prod, name=node.name))
+
+    register_torch_op(addcmul)
+
+
+def export_coreml(bundle: Bundle, path: str | Path) -> ExportResult:
+    """Write a Core ML ``.mlpackage`` (ML Program, float32): image input, classifier output.
+
+    The input is an ``ImageType`` (RGB or greyscale, at the model's size) with scale 1 and
+    bias 0, so Core ML hands over raw 0-255 pixels and the graph's own normalize() step does
+    the rest. Class labels are embedded with a ``ClassifierConfig``: outputs ``classLabel``
+    and ``classLabel_probs``.
+    """
+    out = Path(path)
+    if out.suffix != ".mlpackage":
+        raise ExportError(f"{out}: Core ML ML Programs are saved as a folder ending in .mlpackage")
+    ct = _import_coremltools()
+    h, w = bundle.pre.size
+    ts = trace(bundle, ImageInputWrapper)
+    layout = ct.colorlayout.RGB if bundle.pre.channels == 3 else ct.colorlayout.GRAYSCALE
+    with _quiet():
+        mlmodel = ct.convert(
+            ts,
+            inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, bundle.pre.channels, h, w), color_layout=layout)],
+            classifier_config=ct.ClassifierConfig(list(bundle.classes)),
+            convert_to="mlprogram",
+            # float16 would cost parity with the trained model; iOS 15 is the ML Program minimum.
+            compute_precision=ct.precision.FLOAT32,
+            minimum_deployment_target=ct.target.iOS15,
+        )
+    mlmodel.short_description = f"imgclf {bundle.meta.get('architecture', {}).get('name', '')} classifier"
+    mlmodel.input_description[INPUT_NAME] = (
+        f"{bundle.pre.color_mode} image, {w}x{h} (resize it the way imgclf did: {bundle.pre.resize})"
+    )
+    desc = {"name": INPUT_NAME, "kind": "image", "color": bundle.pre.color_mode, "size": [h, w]}
+    for k, v in bundle_metadata(bundle, desc).items():
+        mlmodel.user_defined_metadata[k] = v
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    mlmodel.save(str(out))
+    return ExportResult("coreml", out, note="Core ML runs on Apple platforms only; the spec was checked here")
+
+
+def coreml_spec_summary(path: str | Path) -> dict[str, Any]:
+    """Inputs, outputs and classifier labels of a saved .mlpackage (works on Linux)."""
+    ct = _import_coremltools()
+    spec = ct.utils.load_spec(str(path))
+    d = spec.description
+    inputs = []
+    for i in d.input:
+        kind = i.type.WhichOneof("Type")
+        entry: dict[str, Any] = {"name": i.name, "type": kind}
+        if kind == "imageType":
+            entry.update(
+                width=i.type.imageType.width,
+                height=i.type.imageType.height,
+                color=ct.proto.FeatureTypes_pb2.ImageFeatureType.ColorSpace.Name(i.type.imageType.colorSpace),
+            )
+        inputs.append(entry)
+    return {
+        "type": spec.WhichOneof("Type"),
+        "inputs": inputs,
+        "outputs": [{"name": o.name, "type": o.type.WhichOneof("Type")} for o in d.output],
+        "predicted_feature": d.predictedFeatureName,
+        "predicted_probabilities": d.predictedProbabilitiesName,
+        "class_labels": _program_class_labels(spec),
+        "metadata": dict(d.metadata.userDefined),
+    }
+
+
+def _program_class_labels(spec: Any) -> list[str]:
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            for op in block.operations:
+                if op.type == "classify":
+                    items = op.inputs["classes"].arguments[0].value.immediateValue.list.values
+                    return [v.immediateValue.tensor.strings.values[0] for v in items]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite
+# ---------------------------------------------------------------------------------------------
+
+TFLITE_HELP = (
+    "TFLite export needs litert-torch (Google's maintained PyTorch->LiteRT converter): "
+    "pip install 'imgclf[tflite]'. It pins older pydantic/typing_extensions, so a separate "
+    "virtual environment for exporting is recommended"
+)
+
+
+def export_tflite(bundle: Bundle, path: str | Path) -> ExportResult:
+    """Write a ``.tflite`` flatbuffer via litert-torch: uint8 NHWC [1, H, W, C] in, probabilities out."""
+    out = Path(path)
+    try:
+        with _quiet():
+            import litert_torch
+    except ImportError as e:
+        raise ExportError(TFLITE_HELP) from e
+    wrapper = _wrapper(bundle)
+    # Mobile interpreters run one image at a time; a fixed batch of 1 keeps the graph simple.
+    with _quiet(), torch.inference_mode(False), torch.no_grad():
+        edge = litert_torch.convert(wrapper, (_example(bundle.pre, 1),))
+    tmp = out.with_name(f".{out.name}.tmp")
+    edge.export(str(tmp))
+    os.replace(tmp, out)
+    meta = out.with_name(out.stem + ".json")
+    atomic_write_bytes(meta, (json.dumps(bundle_metadata(bundle), indent=2) + "\n").encode())
+    return ExportResult(
+        "tflite", out, extra=[meta], note="class names and preprocessing are in the .json beside it"
+    )
+
+
+def tflite_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``run(uint8 NHWC batch) -> probs`` through the LiteRT interpreter, one image per invoke."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as e:
+        raise ExportError("running a .tflite model needs ai-edge-litert: pip install ai-edge-litert") from e
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    i_idx = it.get_input_details()[0]["index"]
+    o_idx = it.get_output_details()[0]["index"]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        outs = []
+        for x in batch:
+            it.set_tensor(i_idx, np.ascontiguousarray(x[None], dtype=np.uint8))
+            it.invoke()
+            outs.append(it.get_tensor(o_idx)[0].copy())
+        return np.stack(outs).astype(np.float32)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# one entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def runner_for(result: ExportResult) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A ``uint8 NHWC -> probs`` function for an exported file, or None where it cannot run here."""
+    if result.format == "onnx":
+        from .onnxrt import OrtRunner
+
+        return OrtRunner(result.path)
+    if result.format == "torchscript":
+        m, _ = load_torchscript(result.path)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return m(torch.as_tensor(batch)).float().numpy()
+
+        return run
+    if result.format == "tflite":
+        try:
+            return tflite_runner(result.path)
+        except ExportError:
+            return None
+    return None  # Core ML predicts on Apple platforms only
+
+
+def check_parity(bundle: Bundle, result: ExportResult, images: np.ndarray) -> Parity | None:
+    """Run the exported file on ``images`` (uint8 NHWC) and compare with PyTorch eager."""
+    run = runner_for(result)
+    if run is None:
+        return None
+    ref = eager_probs(bundle, images)
+    return compare(ref, np.concatenate([run(images[s : s + 64]) for s in range(0, len(images), 64)]))
+
+
+def default_out(bundle: Bundle, fmt: str) -> Path:
+    return Path.cwd() / f"model{SUFFIXES[fmt]}"
+
+
+def export(
+    bundle: Bundle,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    check_images: np.ndarray | None = None,
+    optimized: bool = True,
+) -> ExportResult:
+    """Export ``bundle`` as ``fmt`` (one of :data:`FORMATS`) and, where it can run here, check parity.
+
+    ``check_images`` (uint8 NHWC at the model's size) default to 32 seeded random images.
+    """
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(out) if out is not None else default_out(bundle, fmt)
+    if path.exists() and path.is_dir() and fmt != "coreml":
+        path = path / f"model{SUFFIXES[fmt]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        res = export_onnx(bundle, path, optimized=optimized)
+    elif fmt == "torchscript":
+        res = export_torchscript(bundle, path)
+    elif fmt == "coreml":
+        res = export_coreml(bundle, path)
+    else:
+        res = export_tflite(bundle, path)
+    images = check_images if check_images is not None else _example(bundle.pre, 32, seed=123).numpy()
+    res.parity = check_parity(bundle, res, images)
+    return res
+
+
+def images_for_check(bundle: Bundle, paths: Sequence[str], limit: int = 200) -> np.ndarray:
+    """Prepare up to ``limit`` real images (files, folders, globs) for a parity check."""
+    from .imageio import ImageDecodeError
+    from .predict import expand_paths
+
+    files, _ = expand_paths(list(paths))
+    arrays = []
+    for f in files:
+        if len(arrays) >= limit:
+            break
+        with contextlib.suppress(ImageDecodeError):
+            arrays.append(bundle.prepare(f))
+    if not arrays:
+        raise ExportError(f"no readable images for the parity check in {', '.join(paths)}")
+    return np.stack(arrays)

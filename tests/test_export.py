@@ -1,0 +1,231 @@
+"""Export parity on real images: every format that runs here must match the bundle in PyTorch eager."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgclf.bundle import BundleError, load_bundle
+from imgclf.cli import main
+from imgclf.export import (
+    ExportError,
+    ImageInputWrapper,
+    compare,
+    eager_probs,
+    export,
+    export_onnx,
+    export_torchscript,
+    load_torchscript,
+    trace,
+)
+from imgclf.onnxrt import OrtRunner
+
+N_IMAGES = 200
+TOL = 1e-4
+
+
+def _mnist_test_images(bundle) -> np.ndarray:
+    from imgclf.data import decode_items, index_source
+
+    index = index_source("mnist")
+    idx = np.flatnonzero(index.split == "test")[:N_IMAGES]
+    dec = decode_items(index, idx, bundle.pre, use_cache=False, progress=False)
+    return dec.images
+
+
+def _sign_images(bundle, sign_dir: Path) -> np.ndarray:
+    # 20 real photos per class from the end of each folder (the fixture trains on a 500-image
+    # subset, so most of these were never seen), decoded by the bundle's own prepare().
+    files = [f for c in sorted(sign_dir.iterdir()) if c.is_dir() for f in sorted(c.iterdir())[-20:]]
+    return np.stack([bundle.prepare(f) for f in files[:N_IMAGES]])
+
+
+@pytest.fixture(scope="module", params=["mnist", "sign"])
+def case(request, tmp_path_factory):
+    """(bundle loaded for PyTorch eager, 200 real uint8 images, eager reference probabilities, tmp dir)."""
+    if request.param == "mnist":
+        path = request.getfixturevalue("mnist_bundle")
+        b = load_bundle(path, backend="torch")
+        images = _mnist_test_images(b)
+    else:
+        path = request.getfixturevalue("sign_bundle")
+        b = load_bundle(path, backend="torch")
+        images = _sign_images(b, request.getfixturevalue("sign_dir"))
+    assert images.shape[0] == N_IMAGES and images.dtype == np.uint8
+    ref = eager_probs(b, images)
+    return request.param, b, images, ref, tmp_path_factory.mktemp(f"export-{request.param}")
+
+
+def _assert_parity(ref: np.ndarray, probs: np.ndarray) -> None:
+    p = compare(ref, probs)
+    assert p.top1_agree == p.n == len(ref), str(p)
+    assert p.max_abs_diff <= TOL, str(p)
+
+
+def test_onnx_graph_metadata_and_parity(case):
+    import onnx
+
+    name, b, images, ref, tmp = case
+    res = export_onnx(b, tmp / "model.onnx")
+    model = onnx.load(str(res.path))
+    onnx.checker.check_model(model, full_check=True)
+    inp = model.graph.input[0]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param  # dynamic batch
+    assert [d.dim_value for d in dims[1:]] == [*b.pre.size, b.pre.channels]
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["imgclf.classes"]) == b.classes
+    assert meta["imgclf.bundle_sha256"] == b.sha256
+    assert json.loads(meta["imgclf.preprocess"]) == b.pre.to_dict()
+    assert meta["imgclf.input_size"] == f"{b.pre.size[0]}x{b.pre.size[1]}x{b.pre.channels}"
+    # Preprocessing is inside the graph: no float input anywhere.
+    assert {n.op_type for n in model.graph.node} >= {"Cast", "Transpose"}
+
+    # The checked graph and the ORT-optimised one both match eager on 200 real images,
+    # with batches of 200 and of 1 (dynamic batch).
+    opt = res.extra[0]
+    assert opt.name == "model.optimized.onnx" and opt.exists()
+    for f in (res.path, opt):
+        run = OrtRunner(f)
+        _assert_parity(ref, run(images))
+        _assert_parity(ref[:3], np.concatenate([run(images[i : i + 1]) for i in range(3)]))
+
+
+def test_torchscript_parity(case):
+    name, b, images, ref, tmp = case
+    res = export_torchscript(b, tmp / "model.pt")
+    m, meta = load_torchscript(res.path)
+    assert json.loads(meta["imgclf.classes"]) == b.classes
+    import torch
+
+    with torch.inference_mode():
+        probs = m(torch.as_tensor(images)).numpy()
+    _assert_parity(ref, probs)
+
+
+def test_bundle_backends_agree(case):
+    name, b, images, ref, tmp = case
+    ort_bundle = load_bundle(b.path, backend="onnxruntime")
+    assert ort_bundle.backend == "onnxruntime"
+    _assert_parity(ref, ort_bundle.predict_batch(images))
+    assert ort_bundle._runner is not None  # really ran through ORT, not a silent fallback
+    torch_bundle = load_bundle(b.path, backend="torch")
+    _assert_parity(ref, torch_bundle.predict_batch(images))
+    # Same top_k structure from both.
+    assert (
+        ort_bundle.top_k(ort_bundle.predict_batch(images[:5]), 3)[0]["label"]
+        == b.top_k(ref[:5], 3)[0]["label"]
+    )
+
+
+def test_load_bundle_from_onnx_file(case):
+    name, b, images, ref, tmp = case
+    path = tmp / "direct.onnx"
+    export_onnx(b, path, optimized=False)
+    ob = load_bundle(path)
+    assert ob.classes == b.classes and ob.pre == b.pre and ob.sha256 == b.sha256
+    assert ob.model is None and ob.backend == "onnxruntime"
+    _assert_parity(ref, ob.predict_batch(images))
+    with pytest.raises(BundleError, match="probabilities only"):
+        ob.logits(images[:1])
+    with pytest.raises(ExportError, match="export from the bundle folder"):
+        export(ob, "onnx", tmp / "again.onnx")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("coremltools") is None, reason="coremltools not installed")
+def test_coreml_spec_and_wrapper_parity(case):
+    import torch
+
+    from imgclf.export import coreml_spec_summary, export_coreml
+
+    name, b, images, ref, tmp = case
+    res = export_coreml(b, tmp / "model.mlpackage")
+    spec = coreml_spec_summary(res.path)
+    h, w = b.pre.size
+    assert spec["type"] == "mlProgram"
+    assert spec["inputs"] == [
+        {
+            "name": "image",
+            "type": "imageType",
+            "width": w,
+            "height": h,
+            "color": "RGB" if b.pre.channels == 3 else "GRAYSCALE",
+        }
+    ]
+    assert [o["name"] for o in spec["outputs"]] == ["classLabel", "classLabel_probs"]
+    assert spec["predicted_probabilities"] == "classLabel_probs"
+    assert spec["class_labels"] == b.classes
+    assert spec["metadata"]["imgclf.bundle_sha256"] == b.sha256
+    # Core ML cannot predict on Linux; check the exact traced graph it was converted from.
+    ts = trace(b, ImageInputWrapper)
+    with torch.inference_mode():
+        probs = ts(torch.as_tensor(images).permute(0, 3, 1, 2).float()).numpy()
+    _assert_parity(ref, probs)
+
+
+def test_tflite(case):
+    name, b, images, ref, tmp = case
+    if importlib.util.find_spec("litert_torch") is None:
+        with pytest.raises(ExportError, match="pip install"):
+            export(b, "tflite", tmp / "model.tflite")
+        pytest.skip("litert-torch not installed: checked the clear error instead")
+    res = export(b, "tflite", tmp / "model.tflite", check_images=images)
+    assert res.parity is not None, "ai-edge-litert missing: cannot run the .tflite file"
+    assert res.parity.top1_agree == N_IMAGES and res.parity.max_abs_diff <= TOL, str(res.parity)
+    assert json.loads(json.loads(res.extra[0].read_text())["imgclf.classes"]) == b.classes
+
+
+def test_cli_export_then_predict_from_onnx(sign_bundle, sign_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "deploy" / "sign.onnx"
+    check = str(sign_dir / "7")
+    assert main(["export", str(sign_bundle), "--format", "onnx", "--out", str(out), "--check", check]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "sign.optimized.onnx" in text
+    assert "top-1 agrees on 200/200" in text
+
+    img = str(sorted((sign_dir / "4").iterdir())[0])
+    assert main(["predict", str(out), img, "--json"]) == 0
+    from_onnx = json.loads(capsys.readouterr().out)
+    monkeypatch.setenv("IMGCLF_BACKEND", "onnxruntime")
+    assert main(["predict", str(sign_bundle), img, "--json"]) == 0
+    from_bundle = json.loads(capsys.readouterr().out)
+    assert from_onnx == from_bundle  # same graph, same JSON, to the last digit
+    monkeypatch.setenv("IMGCLF_BACKEND", "torch")
+    assert main(["predict", str(sign_bundle), img, "--json"]) == 0
+    from_torch = json.loads(capsys.readouterr().out)
+    assert from_torch["label"] == from_onnx["label"]
+    assert abs(from_torch["probability"] - from_onnx["probability"]) <= TOL
+
+
+def test_cli_errors_are_one_line(sign_bundle, tmp_path, capsys, monkeypatch):
+    assert main(["export", str(sign_bundle), "--format", "coreml", "--out", str(tmp_path / "x.mlmodel")]) == 2
+    err = capsys.readouterr().err
+    assert ".mlpackage" in err and "Traceback" not in err
+
+    foreign = tmp_path / "foreign.onnx"
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    onnx.save(helper.make_model(g), str(foreign))
+    assert main(["predict", str(foreign), str(foreign)]) == 2
+    assert "no imgclf metadata" in capsys.readouterr().err
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert main(["predict", str(junk), str(junk)]) == 2
+    assert "not a loadable ONNX model" in capsys.readouterr().err
+
+    monkeypatch.setenv("IMGCLF_BACKEND", "tensorrt")
+    with pytest.raises(BundleError, match="IMGCLF_BACKEND=tensorrt"):
+        load_bundle(sign_bundle)
