@@ -16,29 +16,77 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder (a run's model/ folder, or the run folder)")
-    p.add_argument("paths", nargs="+", help="image files, folders (recursive) or glob patterns")
-    p.add_argument("--top-k", type=int, default=5, help="how many classes to list per image")
+    p.add_argument("paths", nargs="*", help="image files, folders (recursive) or glob patterns")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="how many classes to list per image (default 5; with "
+        "--annotate, also draw the runners-up on the image)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
+    p.add_argument(
+        "--annotate",
+        metavar="OUTDIR",
+        help="save each image 400 px wide with 'label: 85.42%% (correct)' drawn on it; "
+        "correct/incorrect only when the file name contains a class name",
+    )
+    p.add_argument("--csv", metavar="FILE", help="also write all results (top-k, errors) as CSV")
+    p.add_argument(
+        "--gallery",
+        type=int,
+        metavar="N",
+        help="with --data: a PNG grid of N random test images titled 'Predicted: X, Actual: Y'",
+    )
+    p.add_argument("--data", help="dataset for --gallery (folder, IDX folder, mnist, fashion-mnist, digits)")
+    p.add_argument("--gallery-out", default="gallery.png", help="where --gallery writes its PNG")
+    p.add_argument("--seed", type=int, default=None, help="random seed for --gallery")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bundle import load_bundle
     from ..predict import expand_paths, predict_files
 
+    if args.gallery is not None and (not args.data or args.gallery < 1):
+        print("imgclf predict: error: --gallery N needs N >= 1 and --data SOURCE", file=sys.stderr)
+        return 2
+    if not args.paths and args.gallery is None:
+        print("imgclf predict: error: give image paths (or --gallery N --data SOURCE)", file=sys.stderr)
+        return 2
     bundle = load_bundle(args.bundle)
+    if args.gallery is not None:
+        from pathlib import Path
+
+        from ..predict import gallery
+
+        png, correct, shown = gallery(bundle, args.data, args.gallery, seed=args.seed)
+        Path(args.gallery_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.gallery_out).write_bytes(png)
+        print(f"gallery: {correct}/{shown} correct -> {args.gallery_out}")
+    top_k = 5 if args.top_k is None else args.top_k
     files, missing = expand_paths(args.paths)
     failed = 0
+    results = []
     for m in missing:
         print(f"imgclf predict: {m}: no such file, folder or matching glob", file=sys.stderr)
         failed += 1
-    for r in predict_files(bundle, files, top_k=args.top_k, batch_size=args.batch_size):
+    for r in predict_files(bundle, files, top_k=top_k, batch_size=args.batch_size):
+        results.append(r)
         if r.error:
             failed += 1
             print(f"imgclf predict: {r.error}", file=sys.stderr)
             continue
+        if args.annotate:
+            from ..predict import write_annotated
+
+            write_annotated(bundle, r, args.annotate, extra=0 if args.top_k is None else top_k - 1)
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
         else:
             print(f"{r.path}: {r.label}: {r.probability * 100:.2f}%", flush=True)
+    if args.csv:
+        from ..predict import write_csv
+
+        write_csv(results, args.csv, bundle.classes, top_k)
     return 1 if failed else 0
