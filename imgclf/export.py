@@ -311,7 +311,8 @@ def export_torchscript(bundle: Bundle, path: str | Path) -> ExportResult:
     out = Path(path)
     ts = trace(bundle)
     buf = io.BytesIO()
-    torch.jit.save(ts, buf, _extra_files={"imgclf.json": json.dumps(bundle_metadata(bundle))})
+    with _quiet():  # torch.jit.save warns that TorchScript is deprecated; the format still works
+        torch.jit.save(ts, buf, _extra_files={"imgclf.json": json.dumps(bundle_metadata(bundle))})
     atomic_write_bytes(out, buf.getvalue())
     return ExportResult("torchscript", out)
 
