@@ -151,6 +151,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.util
 
+    os.environ.update(config["env"])  # data/cache folders and test hooks, also on a remote cluster
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = TrainConfig.from_dict(config["cfg"])
@@ -216,6 +217,7 @@ def train_distributed(
                 "cfg": cfg.to_dict(),
                 "resuming": resuming,
                 "driver_ip": ray.util.get_node_ip_address(),
+                "env": {k: v for k, v in os.environ.items() if k.startswith("IMGCLF_")},
             },
             torch_config=TorchConfig(backend="gloo"),
             scaling_config=ScalingConfig(num_workers=int(cfg.ray_workers or 1), use_gpu=False),
