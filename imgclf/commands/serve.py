@@ -1,0 +1,182 @@
+"""imgclf serve"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+NAME = "serve"
+HELP = "serve a bundle over HTTP (JSON API with dynamic batching, web page, /metrics)"
+DESCRIPTION = (
+    "Start an HTTP server for a bundle. POST /v1/predict takes multipart image files (or one raw "
+    "image body) and returns the top-k classes per image in upload order; POST /v1/explain returns "
+    "a Grad-CAM overlay PNG; GET / is a web page to try the model; GET /v1/model, /healthz, "
+    "/metrics (Prometheus) and /docs (OpenAPI). Requests from many clients are gathered into "
+    "batches of up to --max-batch images, waiting at most --max-wait-ms for more. "
+    "Binds 127.0.0.1 unless --host says otherwise. Stop with Ctrl-C: open requests are finished first."
+)
+
+
+# Same values as imgclf.serve's defaults (a test checks); repeated here so that `imgclf --help`
+# does not import FastAPI.
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_IMAGES = 64
+DEFAULT_MAX_QUEUE = 1024
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder (a run's model/ folder, or the run folder)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per inference batch (1 = off)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="longest a queued image waits for others to fill its batch",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes; EACH loads its own copy of the model and has its own /metrics",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime"],
+        default=None,
+        help="inference engine (unset: $IMGCLF_BACKEND, else auto = onnxruntime when installed)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads per worker (unset: torch's choice; try cores / workers)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+        help="largest request body in MiB (bigger uploads get 413)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest image in pixels (width x height) before decoding is refused with 413",
+    )
+    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="most images in one request")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="most images waiting for inference; beyond it requests get 503",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let open requests finish on shutdown",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve (pip install 'imgclf[ray]'): the same API, replicas on any node",
+    )
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: Ray Serve replicas (models)")
+    p.add_argument(
+        "--ray-address", default=None, help="with --ray: cluster to join: auto or ray://HEAD:10001"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..bundle import load_bundle
+    from ..serve import ENV_CONFIG, create_app
+
+    for flag, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--workers", args.workers, 1),
+        ("--max-images", args.max_images, 1),
+        ("--max-queue", args.max_queue, 1),
+        ("--port", args.port, 0),
+    ):
+        if value < low:
+            print(f"imgclf serve: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
+    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
+        print("imgclf serve: error: --max-wait-ms must be >= 0 and --max-upload-mb > 0", file=sys.stderr)
+        return 2
+    opts = {
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "max_upload_bytes": int(args.max_upload_mb * 2**20),
+        "max_pixels": args.max_pixels,
+        "max_images": args.max_images,
+        "max_queue": args.max_queue,
+        "backend": args.backend,
+    }
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"imgclf serve: warning: binding {args.host}: the API has no authentication; "
+            "put it behind a proxy you control",
+            file=sys.stderr,
+        )
+    if args.ray:
+        if args.replicas < 1:
+            print("imgclf serve: error: --replicas must be >= 1", file=sys.stderr)
+            return 2
+        try:
+            from ..ray_serve import run_blocking
+        except ImportError as e:
+            print(f"imgclf serve: error: --ray needs Ray ({e}): pip install 'imgclf[ray]'", file=sys.stderr)
+            return 2
+        return run_blocking(
+            args.bundle,
+            host=args.host,
+            port=args.port,
+            replicas=args.replicas,
+            address=args.ray_address,
+            threads=args.threads,
+            **opts,
+        )
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "timeout_graceful_shutdown": args.graceful_timeout,
+    }
+    if args.workers == 1:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        app = create_app(args.bundle, **opts)  # BundleError -> one-line message from cli.main
+        print(f"imgclf serve: http://{args.host}:{args.port}/  (API docs at /docs)", file=sys.stderr)
+        uvicorn.run(app, **common)
+        return 0
+    # Several processes: uvicorn needs an import string; each worker rebuilds the app from the
+    # environment. Load once here so a broken bundle fails with one clear line, not N tracebacks.
+    bundle = load_bundle(args.bundle, backend=args.backend)
+    del bundle
+    os.environ[ENV_CONFIG] = json.dumps(
+        {"bundle": os.path.abspath(args.bundle), "torch_threads": args.threads, **opts}
+    )
+    print(
+        f"imgclf serve: http://{args.host}:{args.port}/ with {args.workers} workers (each loads the model)",
+        file=sys.stderr,
+    )
+    uvicorn.run("imgclf.serve:app_from_env", factory=True, workers=args.workers, **common)
+    return 0
