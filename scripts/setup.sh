@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install imgclf with its test tools. Safe to re-run.
+# Create .venv and install imgclf with its test tools and the optional extras the tests cover.
+# Safe to re-run. IMGCLF_EXTRAS picks the extras (default: dev,ray,coreml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -10,4 +11,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is pinned first so pip takes the local CPU wheel, never a CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[${IMGCLF_EXTRAS:-dev,ray,coreml}]"
