@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    load_start = os.getloadavg()
     tmp = tempfile.TemporaryDirectory(prefix="imgclf-bench-")
     bundle = Path(args.bundle) if args.bundle else untrained_bundle(Path(tmp.name) / "bundle")
     if args.image:
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpus": os.cpu_count(),
+            "loadavg_at_start": load_start,
             "loadavg_at_end": os.getloadavg(),
             "python": platform.python_version(),
             "note": "client and servers share this machine's cores (and, here, other users' jobs)",

@@ -431,6 +431,13 @@ def create_app(
         metrics.errors.labels(err.error).inc()
         return _error_response(err)
 
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug or a failing model, not bad input: still JSON, and uvicorn logs the traceback.
+        err = ApiError(500, "internal error", f"{type(exc).__name__}: {exc}")
+        metrics.errors.labels(err.error).inc()
+        return _error_response(err)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]

@@ -155,6 +155,24 @@ def test_limits_413_and_queue_full_503(bundle, sign_dir):
         assert c.post("/v1/predict", files=_multipart(files[:2])).status_code == 200
 
 
+def test_model_failure_is_json_500_and_the_batcher_survives(bundle, sign_dir):
+    flaky = load_bundle(bundle.path)
+    calls: list[int] = []
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 2:  # call 1 is the start-up warm-up
+            raise RuntimeError("simulated inference failure")
+        return bundle.predict_batch(batch)
+
+    flaky.predict_batch = predict
+    f = _files(sign_dir, classes="6")
+    with TestClient(create_app(flaky), raise_server_exceptions=False) as c:
+        body = _assert_error(c.post("/v1/predict", files=_multipart(f)), 500, "internal error")
+        assert "simulated inference failure" in body["detail"]
+        assert c.post("/v1/predict", files=_multipart(f)).status_code == 200
+
+
 def test_app_can_start_twice_and_reports_backend(bundle, sign_dir):
     app = create_app(bundle)
     f = _files(sign_dir, classes="1")
