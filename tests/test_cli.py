@@ -14,7 +14,9 @@ from imgclf.cli import main
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imgclf", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "imgclf", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_help_lists_commands_and_train_options() -> None:
@@ -67,8 +69,19 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys) -> None:
 
 def test_train_cli_end_to_end_on_digits(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    r = _run("train", "--data", "digits", "--model", "lenet", "--epochs", "2", "--out", str(out),
-             "--no-tensorboard", "--no-progress")
+    r = _run(
+        "train",
+        "--data",
+        "digits",
+        "--model",
+        "lenet",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--no-tensorboard",
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["epochs_run"] == 2 and summary["test_accuracy"] > 0.8

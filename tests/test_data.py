@@ -16,7 +16,6 @@ from imgclf.imageio import ImageDecodeError, open_image
 from imgclf.preprocess import Preprocess, load_uint8
 
 
-
 def test_sign_language_folder_counts_and_classes(sign_dir: Path) -> None:
     idx = D.index_source(str(sign_dir))
     assert idx.kind == "folder"
@@ -61,7 +60,7 @@ def test_content_not_extension_and_all_modes(sign_dir: Path, tmp_path: Path) -> 
         "palette.png": ("PNG", src.convert("P")),
         "alpha.png": ("PNG", src.convert("RGBA")),
         "cmyk.jpg": ("JPEG", src.convert("CMYK")),
-        "sixteen.png": ("PNG", Image.fromarray((np.asarray(src.convert("L"), np.uint16) * 257))),
+        "sixteen.png": ("PNG", Image.fromarray(np.asarray(src.convert("L"), np.uint16) * 257)),
     }
     for name, (fmt, img) in variants.items():
         img.save(tmp_path / name, format=fmt)
@@ -88,7 +87,9 @@ def test_bad_files_raise_typed_error(tmp_path: Path, sign_dir: Path) -> None:
         assert name in str(e.value)
 
 
-def test_idx_mnist_counts_and_checksum(mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_idx_mnist_counts_and_checksum(
+    mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     idx = D.index_source("mnist")
     assert (idx.split == "train").sum() == 60000 and (idx.split == "test").sum() == 10000
     assert idx.arrays.shape == (70000, 28, 28)

@@ -25,8 +25,16 @@ def _digits(tmp_path: Path, name: str, **kw) -> TrainConfig:
 def test_run_folder_contents_and_learning(tmp_path: Path) -> None:
     res = train(_digits(tmp_path, "r", epochs=3, tensorboard=True), progress=False)
     d = res.run_dir
-    for f in ("model/model.safetensors", "model/model.json", "history.csv", "metrics.json", "plot.png",
-              "splits.json", "config.json", "train.log"):
+    for f in (
+        "model/model.safetensors",
+        "model/model.json",
+        "history.csv",
+        "metrics.json",
+        "plot.png",
+        "splits.json",
+        "config.json",
+        "train.log",
+    ):
         assert (d / f).exists(), f
     assert any((d / "tensorboard").iterdir())
     rows = list(csv.DictReader(open(d / "history.csv")))
@@ -75,8 +83,19 @@ def test_nan_loss_stops_with_clear_message(tmp_path: Path) -> None:
 def test_early_stopping_and_reduce_lr(tmp_path: Path) -> None:
     # lr so small nothing improves after the first epochs -> plateau callbacks fire
     res = train(
-        _digits(tmp_path, "es", epochs=30, subset=300, lr=1e-9, optimizer="sgd", momentum=0.0,
-                patience=2, reduce_lr_patience=1, reduce_lr_factor=0.5, keep="last"),
+        _digits(
+            tmp_path,
+            "es",
+            epochs=30,
+            subset=300,
+            lr=1e-9,
+            optimizer="sgd",
+            momentum=0.0,
+            patience=2,
+            reduce_lr_patience=1,
+            reduce_lr_factor=0.5,
+            keep="last",
+        ),
         progress=False,
     )
     assert res.metrics["epochs_run"] < 30 and res.metrics["stopped_early"]
@@ -89,8 +108,15 @@ def test_corrupt_file_is_skipped_with_report(tmp_path: Path, small_sign_folder) 
     (root / "2" / "truncated.jpg").write_bytes((root / "2").iterdir().__next__().read_bytes()[:300])
     (root / "0" / "notes.txt").write_text("not an image")
     res = train(
-        TrainConfig(data=str(root), model="lenet", img_size=28, epochs=1, out=str(tmp_path / "r"),
-                    tensorboard=False, dedup="off"),
+        TrainConfig(
+            data=str(root),
+            model="lenet",
+            img_size=28,
+            epochs=1,
+            out=str(tmp_path / "r"),
+            tensorboard=False,
+            dedup="off",
+        ),
         progress=False,
     )
     text = (res.run_dir / "skipped_files.txt").read_text()

@@ -51,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=h)
         else:
             p.add_argument(flag, dest=f.name, type=tp, default=None, help=h)
-    p.add_argument("--no-augment", dest="augment", action="store_const", const="off", help="same as --augment off")
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_const", const="off", help="same as --augment off"
+    )
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
