@@ -116,6 +116,8 @@ _FASHION = {"flip": "on", "rotation": 0.0, "zoom": 0.0}
 _DIGITS = {"flip": "off"}
 BEST: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "lenet"): _LENET_BEST,
+    # Measured: 4 epochs reach 99.31 % test on MNIST (docs/ACCURACY.md); more costs time here.
+    ("mnist", "lenet"): {**_LENET_BEST, "epochs": 4},
     ("fashion-mnist", "lenet"): {**_LENET_BEST, **_FASHION, "epochs": 30},
     ("*", "minivgg"): {**_CNN_BEST, "lr": 0.05},
     ("fashion-mnist", "minivgg"): {**_CNN_BEST, **_FASHION},

@@ -212,13 +212,29 @@ def test_tta_probabilities_and_identity_set(mnist_bundle: Path, mnist_test_batch
     plain = b.predict_batch(x)
     ident = predict_tta(b, x, "identity")
     np.testing.assert_allclose(ident, plain, rtol=1e-5, atol=1e-6)
-    assert auto_views(b) == "shift"  # trained without flips: digits are never flipped at test time
-    probs = predict_tta(b, x)
+    # trained without augmentation: no views it never learned to ignore
+    assert auto_views(b) == "identity"
+    np.testing.assert_allclose(predict_tta(b, x), plain, rtol=1e-5, atol=1e-6)
+    probs = predict_tta(b, x, "shift")
     assert probs.shape == (len(x), 10)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert not np.allclose(probs, plain)  # the shifted views do change the average
     # Averaging near-identical views must not wreck a working classifier.
     assert (probs.argmax(1) == y).mean() >= (plain.argmax(1) == y).mean() - 0.05
+
+
+def test_tta_auto_views_follow_training_augmentation() -> None:
+    from types import SimpleNamespace
+
+    from imgclf.tta import auto_views
+
+    def views(**tc: object) -> str:
+        return auto_views(SimpleNamespace(meta={"train_config": tc}))
+
+    assert views(augment="on", flip="off", shift=0.1) == "shift"  # digits: never flipped
+    assert views(augment="on", flip="on", shift=0.1) == "flip-shift"
+    assert views(augment="on", flip="on", shift=0.0) == "flip"
+    assert views(augment="off", flip="on", shift=0.1) == "identity"
 
 
 def test_tta_shift_and_flip_views_move_pixels() -> None:
