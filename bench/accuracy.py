@@ -229,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = read_results(a.json)
     if a.markdown:
-        a.markdown.write_text(markdown(results))
+        table = markdown(results)
+        text = a.markdown.read_text() if a.markdown.exists() else ""
+        start, end = "<!-- table:start -->", "<!-- table:end -->"
+        if start in text and end in text:  # refresh the table inside an annotated document
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + table + end + rest.split(end, 1)[1]
+        else:
+            text = table
+        a.markdown.write_text(text)
         print(f"wrote {a.markdown}")
         return 0
     if not a.rows:
