@@ -152,8 +152,9 @@ HELP: dict[str, str] = {
     "pretrained": "with --model timm:<name>: start from timm's pretrained weights (needs pip install "
     "'imgclf[timm]' and network access the first time)",
     "out": "run folder to create (model/, history.csv, metrics.json, plot.png, logs)",
-    "recipe": "training recipe: default (these settings), tutorial (the tutorial's exact settings), "
-    "best (our tuned training)",
+    "recipe": "training recipe, filling only the keys you do not set: best (our tuned training; "
+    "the default for `imgclf train` and imgclf.train()), tutorial (the tutorial's exact settings), "
+    "default (the plain values listed here)",
     "epochs": "number of passes over the training set",
     "batch_size": "images per optimisation step",
     "optimizer": "adam | adamw | sgd | adadelta",

@@ -113,7 +113,7 @@ def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         # BatchNorm weights and all biases are 1-D: decaying them hurts accuracy.

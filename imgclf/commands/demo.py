@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder (replaced if it holds an earlier demo)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the best recipe's 15)")
     p.add_argument("--samples", type=int, default=8, help="test images to write and classify")
 
 
@@ -28,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from ..bundle import load_bundle
-    from ..config import TrainConfig
     from ..data import index_source
     from ..predict import predict_files
+    from ..recipes import config_from
     from ..train import train
 
     out = Path(args.out)
@@ -39,8 +39,12 @@ def run(args: argparse.Namespace) -> int:
         if cfg.get("data") != "digits":
             raise SystemExit(f"imgclf demo: {out} holds a run that is not the demo; choose another --out")
         shutil.rmtree(out)
-    print(f"[1/3] training lenet on digits for {args.epochs} epochs -> {out}")
-    res = train(TrainConfig(data="digits", model="lenet", epochs=args.epochs, out=str(out)))
+    given = {"data": "digits", "model": "lenet", "out": str(out)}
+    if args.epochs:
+        given["epochs"] = args.epochs
+    cfg = config_from(given)
+    print(f"[1/3] training lenet on digits ({cfg.recipe} recipe, {cfg.epochs} epochs) -> {out}")
+    res = train(cfg)
     bundle = load_bundle(res.bundle_dir)
 
     print("[2/3] evaluating on the held-out test split")

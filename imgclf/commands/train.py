@@ -19,7 +19,10 @@ DESCRIPTION = (
     "Train an image classifier. Examples:\n"
     "  imgclf train --data path/to/dataset --model smallervggnet --out runs/pokedex\n"
     "  imgclf train --data mnist --model lenet --epochs 20 --out runs/mnist\n"
-    "  imgclf train --resume runs/mnist          (continue an interrupted run)"
+    "  imgclf train --resume runs/mnist          (continue an interrupted run)\n\n"
+    "The recipe (--recipe best by default) sets the training values for the chosen data and\n"
+    "model (see docs/ACCURACY.md); any option given here overrides it. The defaults printed\n"
+    "below are the plain values, used where no recipe value applies."
 )
 
 
@@ -44,7 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
-        h = f"{KEY_HELP[f.name]} (default: {default})".replace("%", "%%") + ""
+        if f.name == "recipe":
+            from ..recipes import DEFAULT_RECIPE
+
+            default = DEFAULT_RECIPE
+        h = f"{KEY_HELP[f.name]} (default: {default})".replace("%", "%%")
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif tp is list or typing.get_origin(tp) is list:
