@@ -288,6 +288,7 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    from .config import ConfigError
     from .models import UnknownModelError, create_model
 
     if Path(path).suffix.lower() == ".onnx":
@@ -327,8 +328,12 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
         raise BundleError(f"{w_p}: not a safetensors file ({e})") from e
     arch = meta["architecture"]
     try:
+        if str(arch["name"]).startswith("timm:"):
+            from .transfer import register_timm  # timm models enter the registry on demand
+
+            register_timm(arch["name"])
         model = create_model(arch["name"], **arch["args"])
-    except UnknownModelError as e:
+    except (UnknownModelError, ConfigError) as e:  # ConfigError: timm needed but missing
         raise BundleError(f"{meta_p}: {e}") from e
     try:
         model.load_state_dict(sd, strict=True)
