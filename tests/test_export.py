@@ -229,3 +229,30 @@ def test_cli_errors_are_one_line(sign_bundle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMGCLF_BACKEND", "tensorrt")
     with pytest.raises(BundleError, match="IMGCLF_BACKEND=tensorrt"):
         load_bundle(sign_bundle)
+
+
+def test_exported_onnx_and_served_bundle_give_identical_json(sign_bundle, sign_dir, tmp_path):
+    """What a deployed .onnx file predicts equals what `imgclf serve` answers for the bundle."""
+    from fastapi.testclient import TestClient
+
+    from imgclf.predict import predict_files
+    from imgclf.serve import create_app
+
+    out = tmp_path / "sign.onnx"
+    assert main(["export", str(sign_bundle), "--format", "onnx", "--out", str(out)]) == 0
+    onnx_bundle = load_bundle(out)
+    files = [str(sorted((sign_dir / c).iterdir())[3]) for c in "0369"]
+    exported = [r.to_dict() for r in predict_files(onnx_bundle, files, top_k=3)]
+    with TestClient(create_app(sign_bundle, backend="onnxruntime")) as client:
+        for f, want in zip(files, exported):
+            with open(f, "rb") as fh:
+                r = client.post(
+                    "/v1/predict?top_k=3", files={"file": (Path(f).name, fh.read(), "image/jpeg")}
+                )
+            assert r.status_code == 200, r.text
+            got = r.json()["predictions"][0]
+            assert got["label"] == want["label"]
+            assert [t["label"] for t in got["top_k"]] == [t["label"] for t in want["top_k"]]
+            assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
+            for a, b in zip(got["top_k"], want["top_k"]):
+                assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
