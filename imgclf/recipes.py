@@ -117,8 +117,9 @@ _FASHION = {"flip": "on", "rotation": 0.0, "zoom": 0.0}
 _DIGITS = {"flip": "off"}
 BEST: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "lenet"): _LENET_BEST,
-    # Measured: 4 epochs reach 99.31 % test on MNIST (docs/ACCURACY.md); more costs time here.
-    ("mnist", "lenet"): {**_LENET_BEST, "epochs": 4},
+    # Measured on an idle core (1 thread): 4 epochs 99.24 % test in 132 s, 6 epochs 99.37 % in
+    # 191 s; 6 meets the 99.3 %-within-5-minutes goal (README, docs/ACCURACY.md).
+    ("mnist", "lenet"): {**_LENET_BEST, "epochs": 6},
     # scikit-learn's 1,797 digits give ~40 steps an epoch: too few for SGD's warm-up + one-cycle
     # (58 % after 4 epochs). AdamW + cosine + light augmentation, 15 epochs: 98.6 % test in 12 s
     # (the plain default: 97.5 % at 15 epochs).
