@@ -23,6 +23,8 @@ class AugmentParams:
     zx: torch.Tensor  # zoom factor, (B,)
     zy: torch.Tensor
     flip: torch.Tensor  # bool, (B,)
+    erase: torch.Tensor | None = None  # (B, 4) box x0, y0, x1, y1 as fractions; empty box = none
+    noise_seed: int = 0  # seeds the erased boxes' fill
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Augment:
     shear: float = 0.2
     zoom: float = 0.2
     flip: bool = True
+    erase: float = 0.0  # random-erasing probability (Zhong et al. 2017): box of 2-25 % area
     mode: str = "bilinear"  # Keras interpolates with order 1
 
     def draw(self, batch: int, generator: torch.Generator | None = None) -> AugmentParams:
@@ -48,7 +51,20 @@ class Augment:
             zx=u(1 - self.zoom, 1 + self.zoom),
             zy=u(1 - self.zoom, 1 + self.zoom),
             flip=(torch.rand(batch, generator=generator) < 0.5) & self.flip,
+            **(self._draw_erase(batch, generator) if self.erase > 0 else {}),
         )
+
+    def _draw_erase(self, batch: int, generator: torch.Generator | None) -> dict:
+        area = torch.rand(batch, generator=generator) * 0.23 + 0.02
+        log_ratio = (torch.rand(batch, generator=generator) * 2 - 1) * math.log(3.0)  # aspect 1/3..3
+        w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+        h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        x0 = torch.rand(batch, generator=generator) * (1 - w)
+        y0 = torch.rand(batch, generator=generator) * (1 - h)
+        on = torch.rand(batch, generator=generator) < self.erase
+        box = torch.stack([x0, y0, x0 + w, y0 + h], 1) * on.unsqueeze(1)  # off: empty box
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        return {"erase": box, "noise_seed": seed}
 
     @staticmethod
     def matrices(p: AugmentParams) -> torch.Tensor:
@@ -66,9 +82,26 @@ class Augment:
 
     def apply(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         """Warp float NCHW ``x``; edges are replicated (Keras fill_mode='nearest')."""
-        theta = self.matrices(p).to(x.dtype)
+        theta = self.matrices(p).to(device=x.device, dtype=x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        x = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        if p.erase is not None:
+            x = self._apply_erase(x, p)
+        return x
+
+    @staticmethod
+    def _apply_erase(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+        """Fill each image's box with uniform noise over the pixel range (0-255)."""
+        n, _, h, w = x.shape
+        box = p.erase.to(device=x.device, dtype=x.dtype)
+        cx = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w
+        cy = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h
+        inx = (cx >= box[:, 0:1]) & (cx < box[:, 2:3])  # (B, W)
+        iny = (cy >= box[:, 1:2]) & (cy < box[:, 3:4])  # (B, H)
+        mask = (iny.unsqueeze(2) & inx.unsqueeze(1)).unsqueeze(1)  # (B, 1, H, W)
+        g = torch.Generator(device=x.device).manual_seed(p.noise_seed)
+        noise = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype) * 255.0
+        return torch.where(mask, noise, x)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(x, self.draw(x.shape[0], generator))

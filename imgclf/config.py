@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class TrainConfig:
     shift: float = 0.1  # fraction of width/height
     shear: float = 0.2  # degrees, as Keras' shear_range
     zoom: float = 0.2
+    erase: float = 0.0  # random-erasing probability per image (0 = off)
     flip: str = "auto"  # auto (on for folders, off for digits/MNIST) | on | off
     patience: int = 0  # EarlyStopping on val loss; 0 = off
     reduce_lr_patience: int = 0  # ReduceLROnPlateau on val loss; 0 = off
@@ -65,6 +67,7 @@ class TrainConfig:
     cache_dir: str | None = None  # None: $IMGCLF_CACHE_DIR or ~/.cache/imgclf
     max_pixels: int = 100_000_000
     compile: bool = False  # torch.compile the model
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (cuda or mps when present)
     ray_workers: int | None = None  # data-parallel training on Ray with this many workers (imgclf[ray])
     ray_address: str | None = None  # Ray cluster: auto, ray://host:10001; None: start a local one
     extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific values
@@ -98,6 +101,10 @@ class TrainConfig:
             raise ConfigError("img_size must be >= 8")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
+        if not 0.0 <= self.erase <= 1.0:
+            raise ConfigError("erase must be a probability in [0, 1]")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r}: use cpu, cuda, cuda:N, mps or auto")
         if self.ray_workers is not None and self.ray_workers < 1:
             raise ConfigError("ray_workers must be >= 1 (or leave it out to train in this process)")
         return self
@@ -123,6 +130,11 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a JSON or YAML config file."""
+        return cls.from_dict(cls.read_file(path))
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """The keys a JSON or YAML config file sets (unknown keys rejected), as written."""
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
@@ -135,7 +147,8 @@ class TrainConfig:
             d = json.loads(text)
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: expected a mapping of keys to values")
-        return cls.from_dict(d)
+        cls.from_dict(d)  # unknown keys and bad values fail here, naming the file's key
+        return d
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -180,6 +193,8 @@ HELP: dict[str, str] = {
     "shift": "augmentation: max width/height shift as a fraction",
     "shear": "augmentation: max shear in degrees (Keras' shear_range)",
     "zoom": "augmentation: zoom range (0.2 = 0.8x to 1.2x)",
+    "erase": "augmentation: random-erasing probability (a random box of 2-25 % of the image "
+    "filled with noise; 0 = off)",
     "flip": "horizontal flip: auto (on for folders, off for built-ins) | on | off",
     "patience": "EarlyStopping: stop after this many epochs without val-loss improvement (0 = off)",
     "reduce_lr_patience": "ReduceLROnPlateau: epochs without improvement before lowering lr (0 = off)",
@@ -192,6 +207,8 @@ HELP: dict[str, str] = {
     "threads": "PyTorch compute threads (default: all cores)",
     "cache_dir": "decoded-image cache (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)",
     "max_pixels": "refuse images with more pixels than this (decompression-bomb guard)",
+    "device": "where to train: cpu (default), cuda, cuda:N, mps, or auto (a GPU when one is "
+    "present); the bundle is saved for the CPU either way",
     "compile": "torch.compile the model (slower start, may train faster)",
     "ray_workers": "train data-parallel on Ray with this many workers (DDP; needs pip install "
     "'imgclf[ray]'); the global batch size stays --batch-size",

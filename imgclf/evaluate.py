@@ -278,11 +278,20 @@ def bias_probe(bundle: Bundle, images: np.ndarray, labels: np.ndarray) -> dict[s
 # --------------------------------------------------------------------------- driver
 
 
-def _predict(bundle: Bundle, images: np.ndarray, progress: bool, chunk: int = 256) -> np.ndarray:
+def _predict(
+    bundle: Bundle, images: np.ndarray, progress: bool, chunk: int = 256, tta: str | None = None
+) -> np.ndarray:
     from tqdm import tqdm
 
+    if tta:
+        from .tta import predict_tta
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return predict_tta(bundle, x, tta)
+    else:
+        run = bundle.predict_batch
     outs = [
-        bundle.predict_batch(images[s : s + chunk])
+        run(images[s : s + chunk])
         for s in tqdm(range(0, len(images), chunk), desc="predict", disable=not progress, leave=False)
     ]
     return np.concatenate(outs) if outs else np.zeros((0, len(bundle.classes)), dtype=np.float32)
@@ -313,8 +322,13 @@ def evaluate(
     cache_dir: str | None = None,
     workers: int = 2,
     seed: int = 42,
+    tta: str | None = None,
 ) -> EvalResult:
-    """Evaluate ``bundle`` on ``data``; with ``out`` write metrics, plots, CSV and report.html there."""
+    """Evaluate ``bundle`` on ``data``; with ``out`` write metrics, plots, CSV and report.html there.
+
+    ``tta``: average over test-time-augmented views (a name from :data:`imgclf.tta.VIEW_SETS`;
+    ``auto`` follows the bundle's training augmentation).
+    """
     from . import visualize as V
 
     index = D.index_source(data, cache_dir)
@@ -336,13 +350,20 @@ def evaluate(
     failed = [{"file": index.relpath(it), "reason": r} for it, r in [*index.skipped, *dec.failed]]
     if len(dec.labels) == 0:
         raise D.DataError(f"{data}: none of the {len(idx)} selected images could be read ({failed[:3]} ...)")
-    probs = _predict(bundle, dec.images, progress)
+    tta_name = None
+    if tta:
+        from .tta import auto_views
+
+        tta_name = auto_views(bundle) if tta == "auto" else tta
+    probs = _predict(bundle, dec.images, progress, tta=tta_name)
     metrics: dict[str, Any] = {
         "bundle": str(bundle.path),
         "data": str(data),
         "split": sel.split,
         "selection": sel.note,
     }
+    if tta_name:
+        metrics["tta"] = tta_name
     metrics.update(compute_metrics(dec.labels, probs, bundle.classes, top_k))
     metrics["failed_files"] = failed
     if sel.missing:

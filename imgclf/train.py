@@ -88,6 +88,23 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
     return fh
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` | ``cuda[:N]`` | ``mps`` | ``auto`` -> a torch device that is present here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r}, but this PyTorch sees no CUDA GPU; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={name!r}, but MPS is not available here; use --device cpu")
+    return dev
+
+
 def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
     """Fill 'auto' values that depend on the data (model, size, channels, augmentation, splits)."""
     builtin = index.kind in ("idx", "digits")
@@ -165,14 +182,14 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {
-        f"model/{k}": v.detach().contiguous() for k, v in model.state_dict().items()
+        f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()
     }
     osd = opt.state_dict()
     scalars: dict[str, Any] = {}
     for pid, st in osd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optim/{pid}/{k}"] = v.detach().contiguous()
+                tensors[f"optim/{pid}/{k}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}/{k}"] = v
     groups = [
@@ -224,11 +241,12 @@ def evaluate_arrays(
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
     total_loss, correct = 0.0, 0
+    dev = next(model.parameters()).device
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels)
     for s in range(0, n, batch):
-        x = normalize(x_all[s : s + batch], pre)
-        y = y_all[s : s + batch]
+        x = normalize(x_all[s : s + batch].to(dev), pre)
+        y = y_all[s : s + batch].to(dev)
         probs = logits_to_probs(model(x)).clamp_min(1e-12)
         total_loss += float(F.nll_loss(probs.log(), y, reduction="sum"))
         correct += int((probs.argmax(1) == y).sum())
@@ -307,12 +325,20 @@ def make_batch(
     pre: Preprocess,
     aug: Augment | None,
     gen: torch.Generator | None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 NHWC rows ``idx`` -> (augmented, normalised float NCHW channels_last, labels)."""
-    x = x_all[idx].permute(0, 3, 1, 2).float()
+    """uint8 NHWC rows ``idx`` -> (augmented, normalised float NCHW channels_last, labels).
+
+    With ``device`` the uint8 rows move there first, so a GPU does the augmentation too;
+    random parameters are still drawn from ``gen`` on the CPU (same stream on every device).
+    """
+    x, y = x_all[idx], y_all[idx]
+    if device is not None and device.type != "cpu":
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float()
     if aug is not None:
         x = aug(x, gen)
-    return normalize(x.permute(0, 2, 3, 1), pre), y_all[idx]
+    return normalize(x.permute(0, 2, 3, 1), pre), y
 
 
 def epoch_batches(
@@ -327,6 +353,7 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     prefetch: bool | None = None,
+    device: torch.device | None = None,
 ) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
     """Yield the ``steps`` training batches of one epoch, in order; ``close()`` it when done.
 
@@ -336,7 +363,7 @@ def epoch_batches(
 
     def make(b: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = perm[b * bs : (b + 1) * bs][rank::world_size]
-        return make_batch(x_all, y_all, idx, pre, aug, gen)
+        return make_batch(x_all, y_all, idx, pre, aug, gen, device)
 
     if prefetch is None:
         prefetch = PREFETCH if PREFETCH is not None else aug is not None
@@ -512,17 +539,22 @@ def _train(
     model = create_model(cfg.model, num_classes=len(classes), in_channels=pre.channels, img_size=size)
     if not resuming:
         init_model(model, cfg)  # --init-weights / --pretrained (a resumed run loads its checkpoint)
-    model = model.to(memory_format=torch.channels_last)
+    device = resolve_device(cfg.device)
+    if dist.world_size > 1 and device.type != "cpu":
+        raise ConfigError("--ray-workers trains on CPUs (gloo); leave --device at cpu")
+    model = model.to(device=device, memory_format=torch.channels_last)
+    if device.type != "cpu":
+        log.info("training on %s", device)
     binary = num_outputs(len(classes), get_spec(cfg.model)) == 1
     opt = make_optimizer(model, cfg)
     aug = None
     if cfg.augment == "on":
-        aug = Augment(cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on")
+        aug = Augment(cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase)
     weights = None
     if cfg.class_weights == "auto":
         counts = np.bincount(tr.labels, minlength=len(classes)).astype(np.float64)
         w = counts.sum() / (len(classes) * np.maximum(counts, 1))
-        weights = torch.tensor(w, dtype=torch.float32)
+        weights = torch.tensor(w, dtype=torch.float32, device=device)
     ema = _EMA(model, cfg.ema) if cfg.ema > 0 else None
     step_model = dist.wrap_model(model)  # DDP when data-parallel: averages gradients across ranks
     if cfg.compile:
@@ -582,7 +614,17 @@ def _train(
             unit="batch",
         )
         batches = epoch_batches(
-            x_all, y_all, perm, bs, steps_per_epoch, pre, aug, aug_gen, dist.rank, dist.world_size
+            x_all,
+            y_all,
+            perm,
+            bs,
+            steps_per_epoch,
+            pre,
+            aug,
+            aug_gen,
+            dist.rank,
+            dist.world_size,
+            device=device,
         )
         for b, (x, yb) in zip(bar, batches):
             f = lr_factor(cfg, state["step"], total_steps, steps_per_epoch) * plateau["scale"]
@@ -715,6 +757,7 @@ def _train(
             metrics[f"{name}_size"] = len(dec.labels)
     if stop_reason:
         metrics["stop_reason"] = stop_reason
+    final = final.cpu()  # bundles are device-free: predict/serve/export run on the CPU
     bundle_dir = save_bundle(
         run_dir / "model",
         final,

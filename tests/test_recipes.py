@@ -248,3 +248,49 @@ def test_tta_shift_and_flip_views_move_pixels() -> None:
     assert len(views_for("flip-shift", 28)) == 6 and len(views_for("flip-shift", 28, flip_ok=False)) == 5
     with pytest.raises(ValueError, match="unknown TTA set"):
         views_for("rotate", 28)
+
+
+def test_evaluate_and_predict_tta_average_the_named_views(
+    sign_bundle: Path, sign_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from imgclf.bundle import load_bundle
+    from imgclf.evaluate import evaluate
+    from imgclf.tta import _hflip
+
+    b = load_bundle(sign_bundle)
+    plain = evaluate(b, str(sign_dir), limit=40, progress=False)
+    flip = evaluate(b, str(sign_dir), limit=40, progress=False, tta="flip")
+    assert flip.metrics["tta"] == "flip" and "tta" not in plain.metrics
+    assert flip.items == plain.items
+    # evaluate's TTA probabilities are the mean over the image and its mirror image
+    x = np.stack([b.prepare(str(it)) for it in plain.items])
+    np.testing.assert_allclose(plain.probs, b.predict_batch(x), atol=1e-5)
+    np.testing.assert_allclose(flip.probs, (b.predict_batch(x) + b.predict_batch(_hflip(x))) / 2, atol=1e-5)
+    assert not np.allclose(flip.probs, plain.probs)
+    files = sorted((sign_dir / "3").iterdir())[:4]
+    imgs = np.stack([b.prepare(str(f)) for f in files])
+    want = (b.predict_batch(imgs) + b.predict_batch(_hflip(imgs))) / 2
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imgclf",
+            "predict",
+            str(sign_bundle),
+            *map(str, files),
+            "--json",
+            "--tta",
+            "flip",
+        ]
+        + ["--top-k", str(len(b.classes))],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for row, w in zip(map(json.loads, out), want):
+        got = {t["label"]: t["probability"] for t in row["top_k"]}
+        np.testing.assert_allclose([got[c] for c in b.classes], w, atol=1e-5)

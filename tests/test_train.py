@@ -143,6 +143,40 @@ def test_augmentation_changes_images_but_keeps_shape() -> None:
         assert torch.allclose(out[i], ref, atol=1e-3)
 
 
+def test_random_erasing_fills_one_box_per_image_and_replays() -> None:
+    from imgclf.augment import Augment
+
+    x = torch.full((16, 3, 32, 40), 100.0)
+    aug = Augment(rotation=0, shift=0, shear=0, zoom=0, flip=False, erase=0.5)
+    p = aug.draw(16, torch.Generator().manual_seed(3))
+    out = aug.apply(x, p)
+    changed = (out != 100).any(1)  # (B, H, W)
+    for i in range(16):
+        x0, y0, x1, y1 = p.erase[i].tolist()
+        area = (x1 - x0) * (y1 - y0)
+        if area == 0:
+            assert not changed[i].any()
+            continue
+        assert 0.02 * 0.8 < changed[i].float().mean() < 0.25 * 1.2
+        rows, cols = changed[i].nonzero(as_tuple=True)  # the changed pixels form one rectangle
+        assert changed[i][rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+    assert 3 <= int((p.erase[:, 2] > p.erase[:, 0]).sum()) <= 13  # about half the images
+    assert torch.equal(out, aug.apply(x, p))  # same parameters, same output
+    assert float(out.min()) >= 0 and float(out.max()) <= 255
+
+
+def test_device_option_is_checked_before_training() -> None:
+    from imgclf.train import resolve_device
+
+    with pytest.raises(ConfigError, match="device"):
+        TrainConfig(device="gpu0").validate()
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
 def test_config_rejects_unknown_keys_with_suggestion() -> None:
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         TrainConfig.from_dict({"epoch": 3})

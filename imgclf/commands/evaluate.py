@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..tta import VIEW_SETS
+
 NAME = "evaluate"
 HELP = "measure a bundle on a dataset: metrics, confusion matrix, report.html"
 DESCRIPTION = (
@@ -44,6 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="k for top-k accuracy (capped at classes - 1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a stratified sample of at most N images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="auto",
+        default=None,
+        choices=VIEW_SETS,
+        help="test-time augmentation: average the probabilities over flipped/shifted copies. "
+        "Plain --tta picks views from the bundle's training augmentation (flips only if it "
+        "trained with flips); or name a set",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         bias=args.bias,
         limit=args.limit,
         top_k=args.top_k,
+        tta=args.tta,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     m = res.metrics
@@ -68,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2))
         return 0
     print(f"evaluated {m['n_images']} images ({m['selection']})")
-    line = f"accuracy {m['accuracy'] * 100:.2f}%"
+    line = f"accuracy {m['accuracy'] * 100:.2f}%" + (f" (TTA: {m['tta']})" if "tta" in m else "")
     if "top_k_accuracy" in m:
         line += f", top-{m['top_k']} {m['top_k_accuracy'] * 100:.2f}%"
     line += f", macro F1 {m['f1_macro']:.4f}, log loss {m['log_loss']:.4f}, ECE {m['ece']:.4f}"

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..tta import VIEW_SETS
+
 NAME = "predict"
 HELP = "classify image files, folders or globs with a bundle"
 DESCRIPTION = (
@@ -42,6 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset for --gallery (folder, IDX folder, mnist, fashion-mnist, digits)")
     p.add_argument("--gallery-out", default="gallery.png", help="where --gallery writes its PNG")
     p.add_argument("--seed", type=int, default=None, help="random seed for --gallery")
+    p.add_argument(
+        "--tta",
+        nargs="?",
+        const="auto",
+        default=None,
+        choices=VIEW_SETS,
+        help="test-time augmentation: average the probabilities over flipped/shifted copies. "
+        "Plain --tta picks views from the bundle's training augmentation (flips only if it "
+        "trained with flips); or name a set",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for m in missing:
         print(f"imgclf predict: {m}: no such file, folder or matching glob", file=sys.stderr)
         failed += 1
-    for r in predict_files(bundle, files, top_k=top_k, batch_size=args.batch_size):
+    for r in predict_files(bundle, files, top_k=top_k, batch_size=args.batch_size, tta=args.tta):
         results.append(r)
         if r.error:
             failed += 1

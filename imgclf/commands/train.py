@@ -83,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         base: dict[str, Any] = {}
         if args.config:
-            base = TrainConfig.load(args.config).to_dict()
-            base = {k: v for k, v in base.items() if v != getattr(TrainConfig, k, object())}
+            # Every key the file names counts as given (it beats the recipe), even when its
+            # value equals the plain default.
+            base = TrainConfig.read_file(args.config)
         result = train(config_from({**base, **given}), progress=progress)
     print(json.dumps({"run_dir": str(result.run_dir), **result.metrics}, indent=2))
     return 0
