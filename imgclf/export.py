@@ -88,6 +88,7 @@ class ExportResult:
     extra: list[Path] = field(default_factory=list)
     parity: Parity | None = None
     note: str = ""
+    int8: Any = None  # imgclf.quantize.Int8Check when an int8 ONNX was written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,11 +547,17 @@ def export(
     *,
     check_images: np.ndarray | None = None,
     optimized: bool = True,
+    int8: bool = False,
+    calibration: np.ndarray | None = None,
 ) -> ExportResult:
     """Export ``bundle`` as ``fmt`` (one of :data:`FORMATS`) and, where it can run here, check parity.
 
     ``check_images`` (uint8 NHWC at the model's size) default to 32 seeded random images.
+    ``int8`` (ONNX only) also writes ``<stem>.int8.onnx`` (see :mod:`imgclf.quantize`),
+    calibrated on ``calibration`` images or else on the run's recorded training images.
     """
+    if int8 and fmt.lower() != "onnx":
+        raise ExportError("--int8 applies to --format onnx only")
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -568,7 +575,39 @@ def export(
         res = export_tflite(bundle, path)
     images = check_images if check_images is not None else _example(bundle.pre, 32, seed=123).numpy()
     res.parity = check_parity(bundle, res, images)
+    if int8:
+        _add_int8(bundle, res, calibration, check_images)
     return res
+
+
+def int8_path_for(path: Path) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx``."""
+    return path.with_name(path.stem + ".int8.onnx")
+
+
+def _add_int8(
+    bundle: Bundle, res: ExportResult, calibration: np.ndarray | None, check_images: np.ndarray | None
+) -> None:
+    from .onnxrt import OrtRunner
+    from .quantize import CALIBRATION_IMAGES, compare_int8, quantize_int8, recorded_images
+
+    if calibration is None:
+        rec = recorded_images(bundle, "train", CALIBRATION_IMAGES)
+        if rec is None:
+            raise ExportError(
+                f"{bundle.path}: --int8 needs calibration images and the training data recorded in the "
+                "bundle is not available here; pass --calibration IMAGES (a few hundred typical images)"
+            )
+        calibration = rec[0]
+    path = quantize_int8(res.path.read_bytes(), calibration, int8_path_for(res.path))
+    res.extra.append(path)
+    held = recorded_images(bundle, "test", 2000) or recorded_images(bundle, "val", 2000)
+    fp32, q = OrtRunner(res.path), OrtRunner(path)
+    if held is not None:
+        res.int8 = compare_int8(fp32, q, held[0], held[1], "held-out images the model never trained on")
+    else:
+        imgs = check_images if check_images is not None else calibration
+        res.int8 = compare_int8(fp32, q, imgs, None, "check images")
 
 
 def images_for_check(bundle: Bundle, paths: Sequence[str], limit: int = 200) -> np.ndarray:

@@ -256,3 +256,51 @@ def test_exported_onnx_and_served_bundle_give_identical_json(sign_bundle, sign_d
             assert got["probability"] == pytest.approx(want["probability"], abs=1e-6)
             for a, b in zip(got["top_k"], want["top_k"]):
                 assert a["probability"] == pytest.approx(b["probability"], abs=1e-6)
+
+
+def test_int8_export_is_calibrated_on_training_images_and_checked_on_held_out(mnist_bundle, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(mnist_bundle), "--int8", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    q = tmp_path / "m.int8.onnx"
+    assert q.exists() and q.stat().st_size < out.stat().st_size / 2  # int8 weights
+    line = next(ln for ln in text.splitlines() if ln.startswith("int8:"))
+    assert "held-out images" in line and "(float32) ->" in line
+    meta = load_bundle(q).meta
+    assert meta["classes"] == load_bundle(mnist_bundle).classes
+    from imgclf.onnxrt import read_metadata
+
+    props = read_metadata(q)
+    assert (
+        props["imgclf.quantization"].startswith("int8")
+        and 200 <= int(props["imgclf.calibration_images"]) <= 256
+    )
+    # the int8 graph predicts like the float32 one on real MNIST test digits
+    from imgclf.quantize import compare_int8
+
+    b = load_bundle(mnist_bundle, backend="torch")
+    x = _mnist_test_images(b)
+    chk = compare_int8(OrtRunner(out), OrtRunner(q), x)
+    assert chk.top1_agree >= 0.97 * chk.n
+    assert chk.max_abs_diff < 0.2
+
+
+def test_int8_needs_onnx_and_calibration_images(sign_bundle, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    assert (
+        main(["export", str(sign_bundle), "--format", "torchscript", "--int8", "-o", str(tmp_path / "a.pt")])
+        == 2
+    )
+    assert "--int8 applies to --format onnx only" in capsys.readouterr().err
+    # a copied bundle whose training data is gone needs --calibration
+    moved = tmp_path / "copy"
+    shutil.copytree(sign_bundle, moved)
+    mj = moved / "model.json"
+    meta = json.loads(mj.read_text())
+    meta["data_source"] = str(tmp_path / "gone")
+    mj.write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["export", str(moved), "--int8", "-o", str(tmp_path / "b.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--calibration IMAGES" in err

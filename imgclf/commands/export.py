@@ -43,6 +43,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-optimized", action="store_true", help="ONNX: skip writing the onnxruntime-optimised graph"
     )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="ONNX: also write <name>.int8.onnx, statically quantized (about 2x faster single-image "
+        "latency on CPUs with AVX512-VNNI) and report its accuracy against float32 on held-out images",
+    )
+    p.add_argument(
+        "--calibration",
+        nargs="+",
+        metavar="IMAGES",
+        default=None,
+        help="--int8: images to calibrate on (files, folders, globs; first 256 used) [default: the "
+        "training run's own training images]",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +66,16 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle, backend="torch")
     images = images_for_check(bundle, args.check) if args.check else None
     print(f"exporting {bundle.path} to {args.format} ...", file=sys.stderr, flush=True)
-    res = export(bundle, args.format, args.out, check_images=images, optimized=not args.no_optimized)
+    cal = images_for_check(bundle, args.calibration, limit=256) if args.calibration else None
+    res = export(
+        bundle,
+        args.format,
+        args.out,
+        check_images=images,
+        optimized=not args.no_optimized,
+        int8=args.int8,
+        calibration=cal,
+    )
     print(f"wrote {res.path}")
     for extra in res.extra:
         print(f"wrote {extra}")
@@ -66,4 +89,14 @@ def run(args: argparse.Namespace) -> int:
     if not res.parity.ok:
         print("imgclf export: error: the exported model does not match the bundle", file=sys.stderr)
         return 1
+    if res.int8 is not None:
+        print(f"int8: {res.int8}")
+        c = res.int8
+        if c.acc_fp32 is not None and c.acc_int8 is not None and c.acc_int8 < c.acc_fp32 - 0.01:
+            print(
+                "imgclf export: error: int8 loses more than 1 point of accuracy; deploy the float32 "
+                f"{res.path.name} (or calibrate on more typical images with --calibration)",
+                file=sys.stderr,
+            )
+            return 1
     return 0
