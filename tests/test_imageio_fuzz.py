@@ -145,6 +145,21 @@ def test_pixel_bomb_headers_refused_before_decoding() -> None:
         open_image(big, max_pixels=1_000_000)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_every_exif_orientation_matches_pillows_exif_transpose(sign_dir: Path, fmt: str) -> None:
+    from PIL import ImageOps
+
+    im = _real_images(sign_dir, 1)[0].resize((30, 20))
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        data = _encode(im, fmt, exif=exif.tobytes())
+        want = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        got = open_image(data)
+        assert got.size == want.size == ((20, 30) if o >= 5 else (30, 20)), (fmt, o)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), (fmt, o)
+
+
 def test_awkward_valid_images_decode(sign_dir: Path, tmp_path: Path) -> None:
     im = _real_images(sign_dir, 1)[0].resize((60, 40))
     # EXIF orientation 6 (rotate 90 degrees clockwise): 60x40 stored, 40x60 shown
