@@ -112,6 +112,12 @@ def parse_imgclf_metadata(props: dict[str, str], source: str) -> dict[str, Any]:
             "architecture": json.loads(props.get(META_PREFIX + "architecture", "{}")),
             "weights_sha256": props.get(META_PREFIX + "bundle_sha256", ""),
             "format_version": int(props.get(META_PREFIX + "format_version", "1")),
+            "versions": {"imgclf": props.get(META_PREFIX + "version", "")},
+            **(
+                {"quantization": props[META_PREFIX + "quantization"]}
+                if META_PREFIX + "quantization" in props
+                else {}
+            ),
         }
     except (KeyError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{source}: damaged imgclf metadata in the ONNX file ({e}); re-export it") from e

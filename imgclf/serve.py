@@ -32,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import __version__
 from .bundle import Bundle, load_bundle
 from .imageio import ImageDecodeError
 
@@ -408,7 +409,7 @@ def create_app(
     app = FastAPI(
         title="imgclf",
         summary=f"Image classifier: {_arch(b)}, {len(b.classes)} classes",
-        version=str(b.meta.get("versions", {}).get("imgclf", "")),
+        version=str(b.meta.get("versions", {}).get("imgclf") or __version__),
         lifespan=lifespan,
     )
     app.state.bundle = b

@@ -304,3 +304,33 @@ def test_int8_needs_onnx_and_calibration_images(sign_bundle, tmp_path, capsys, m
     rc = main(["export", str(moved), "--int8", "-o", str(tmp_path / "b.onnx")])
     err = capsys.readouterr().err
     assert rc == 2 and "--calibration IMAGES" in err
+
+
+def test_serve_runs_an_int8_onnx_file(mnist_bundle, mnist_dir, tmp_path):
+    """`imgclf serve model.int8.onnx`: predictions as the file gives them; explain says why not."""
+    import io as _io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from imgclf.serve import create_app
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(mnist_bundle), "--int8", "-o", str(out)]) == 0
+    q = tmp_path / "m.int8.onnx"
+    b = load_bundle(q)
+    assert b.meta["quantization"].startswith("int8")
+    x = _mnist_test_images(load_bundle(mnist_bundle, backend="torch"))[:3]
+    want = b.predict_batch(x)
+    with TestClient(create_app(q)) as client:
+        for img, p in zip(x, want):
+            buf = _io.BytesIO()
+            Image.fromarray(img[..., 0]).save(buf, "PNG")
+            r = client.post("/v1/predict", files={"file": ("d.png", buf.getvalue(), "image/png")})
+            assert r.status_code == 200, r.text
+            got = r.json()["predictions"][0]
+            assert got["label"] == b.classes[int(p.argmax())]
+            assert got["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+        r = client.post("/v1/explain", files={"file": ("d.png", buf.getvalue(), "image/png")})
+        assert r.status_code == 501 and "bundle folder" in r.json()["detail"]
+        assert client.get("/openapi.json").status_code == 200
