@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..tta import VIEW_SETS
+from . import add_tta_argument
 
 NAME = "evaluate"
 HELP = "measure a bundle on a dataset: metrics, confusion matrix, report.html"
@@ -46,16 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="k for top-k accuracy (capped at classes - 1)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a stratified sample of at most N images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--tta",
-        nargs="?",
-        const="auto",
-        default=None,
-        choices=VIEW_SETS,
-        help="test-time augmentation: average the probabilities over flipped/shifted copies. "
-        "Plain --tta picks views from the bundle's training augmentation (flips only if it "
-        "trained with flips); or name a set",
-    )
+    add_tta_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

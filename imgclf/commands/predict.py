@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..tta import VIEW_SETS
+from . import add_tta_argument
 
 NAME = "predict"
 HELP = "classify image files, folders or globs with a bundle"
@@ -44,16 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset for --gallery (folder, IDX folder, mnist, fashion-mnist, digits)")
     p.add_argument("--gallery-out", default="gallery.png", help="where --gallery writes its PNG")
     p.add_argument("--seed", type=int, default=None, help="random seed for --gallery")
-    p.add_argument(
-        "--tta",
-        nargs="?",
-        const="auto",
-        default=None,
-        choices=VIEW_SETS,
-        help="test-time augmentation: average the probabilities over flipped/shifted copies. "
-        "Plain --tta picks views from the bundle's training augmentation (flips only if it "
-        "trained with flips); or name a set",
-    )
+    add_tta_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
