@@ -105,6 +105,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN runs bf16 natively here (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
     """Fill 'auto' values that depend on the data (model, size, channels, augmentation, splits)."""
     builtin = index.kind in ("idx", "digits")
@@ -560,6 +568,9 @@ def _train(
     if cfg.compile:
         step_model = torch.compile(model)
 
+    bf16 = cfg.precision == "bf16"
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); expect it to be slower")
     n = len(tr.labels)
     bs = min(cfg.batch_size, n)
     bs -= bs % dist.world_size  # equal shards per rank, so DDP's mean equals the global-batch mean
@@ -630,7 +641,9 @@ def _train(
             f = lr_factor(cfg, state["step"], total_steps, steps_per_epoch) * plateau["scale"]
             for g, lr0 in zip(opt.param_groups, base_lrs):
                 g["lr"] = lr0 * f
-            out = step_model(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = step_model(x)
+            out = out.float()
             if binary:
                 loss = F.binary_cross_entropy_with_logits(
                     out[:, 0], yb.float(), weight=None if weights is None else weights[yb]

@@ -201,3 +201,25 @@ def test_seeded_training_is_reproducible(tmp_path: Path) -> None:
     wa = load_file(str(a.bundle_dir / "model.safetensors"))
     wb = load_file(str(b.bundle_dir / "model.safetensors"))
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+
+
+def test_bf16_precision_trains_and_saves_float32_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp16").validate()
+    res = train(
+        TrainConfig(
+            data="digits",
+            model="lenet",
+            epochs=3,
+            precision="bf16",
+            out=str(tmp_path / "r"),
+            tensorboard=False,
+        ),
+        progress=False,
+    )
+    assert res.metrics["test_accuracy"] > 0.8  # bf16 math still learns digits
+    weights = load_file(str(res.bundle_dir / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert json.loads((res.run_dir / "config.json").read_text())["precision"] == "bf16"
