@@ -334,3 +334,16 @@ def test_serve_runs_an_int8_onnx_file(mnist_bundle, mnist_dir, tmp_path):
         r = client.post("/v1/explain", files={"file": ("d.png", buf.getvalue(), "image/png")})
         assert r.status_code == 501 and "bundle folder" in r.json()["detail"]
         assert client.get("/openapi.json").status_code == 200
+
+
+def test_ort_threads_default_and_override(monkeypatch):
+    import os
+
+    from imgclf.onnxrt import THREADS_ENV, default_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert default_threads() == max(1, min(4, os.cpu_count() or 1))
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert default_threads() == 3
+    monkeypatch.setenv(THREADS_ENV, "lots")  # unreadable: back to the default
+    assert default_threads() == max(1, min(4, os.cpu_count() or 1))

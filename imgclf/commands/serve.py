@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch intra-op threads per worker (unset: torch's choice; try cores / workers)",
+        help="compute threads per worker, for ONNX Runtime and torch (unset: ONNX Runtime gets the "
+        "cores minus one, shared by the workers, so one core is left for HTTP; torch its own choice)",
     )
     p.add_argument(
         "--max-upload-mb",
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..bundle import load_bundle
+    from ..onnxrt import THREADS_ENV
     from ..serve import ENV_CONFIG, create_app
 
     for flag, value, low in (
@@ -152,6 +154,12 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             **opts,
         )
+    if args.threads:
+        os.environ[THREADS_ENV] = str(args.threads)
+    elif THREADS_ENV not in os.environ:
+        # Inference and HTTP handling share the machine: measured on 2 cores, one ORT thread
+        # beside the event loop beat two fighting it (docs/SERVE.md). Workers inherit this.
+        os.environ[THREADS_ENV] = str(max(1, ((os.cpu_count() or 1) - 1) // max(1, args.workers)))
     common = {
         "host": args.host,
         "port": args.port,
