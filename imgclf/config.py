@@ -25,6 +25,7 @@ class TrainConfig:
 
     data: str = "digits"  # folder path, IDX folder, or built-in: mnist, fashion-mnist, digits
     model: str | None = None  # registry name; None: lenet for greyscale built-ins, else smallervggnet
+    model_args: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs, e.g. {"blocks": 2}
     init_weights: str | None = None  # safetensors file/bundle: load matching layers (imgclf.transfer)
     pretrained: bool = False  # timm:<name> models only: start from timm's pretrained weights
     out: str = "runs/train"
@@ -37,6 +38,7 @@ class TrainConfig:
     schedule: str = "keras-decay"  # keras-decay | cosine | onecycle | constant
     warmup_epochs: float = 0.0
     momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only: Nesterov momentum (Keras' SGD default is off)
     weight_decay: float = 0.0  # never applied to BatchNorm weights or biases
     label_smoothing: float = 0.0
     ema: float = 0.0  # EMA decay of weights (0 = off), e.g. 0.999
@@ -108,6 +110,10 @@ class TrainConfig:
             raise ConfigError("erase must be a probability in [0, 1]")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}: use cpu, cuda, cuda:N, mps or auto")
+        if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
+            raise ConfigError(
+                f"model_args must map names to values, e.g. {{'blocks': 2}}; got {self.model_args!r}"
+            )
         if self.ray_workers is not None and self.ray_workers < 1:
             raise ConfigError("ray_workers must be >= 1 (or leave it out to train in this process)")
         return self
@@ -178,7 +184,8 @@ HELP: dict[str, str] = {
     "lr_decay": "Keras-style decay: lr/(1+decay*step); default lr/epochs with adam, as the tutorial",
     "schedule": "learning-rate schedule: keras-decay | cosine | onecycle | constant",
     "warmup_epochs": "linear warm-up length in epochs (fractions allowed)",
-    "momentum": "SGD momentum (Nesterov when > 0)",
+    "momentum": "SGD momentum",
+    "nesterov": "SGD: Nesterov momentum (the tutorials' Keras SGD has it off)",
     "weight_decay": "L2 weight decay (not applied to BatchNorm weights or biases)",
     "label_smoothing": "cross-entropy label smoothing (0 = off)",
     "ema": "exponential moving average of weights, e.g. 0.999 (0 = off)",
@@ -221,4 +228,6 @@ HELP: dict[str, str] = {
     "ray_address": "Ray cluster to join with --ray-workers: auto (a `ray start` cluster on this "
     "machine) or ray://HEAD:10001; default: start a local one",
     "extra": "recipe-specific values (config files only)",
+    "model_args": "extra arguments for the model factory as KEY=VALUE (values read as JSON), "
+    "e.g. --model-args blocks=2 width=16; `imgclf models` lists each model's",
 }

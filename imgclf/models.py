@@ -420,15 +420,22 @@ def _simplecnn(num_classes: int, in_channels: int, img_size: tuple[int, int]) ->
     "minivgg",
     default_size=64,
     default_channels=3,
-    description="MiniVGG: 3x(2x conv-relu-bn, pool) (32/64/128), dense 512 (apparel)",
+    description="MiniVGG: 3x(2x conv-relu-bn, pool) (32/64/128), dense 512 (apparel); "
+    "blocks=2 is the Fashion-MNIST tutorial's net",
     # Three 'valid' 2x2 pools need 8 pixels to leave a 1x1 map.
     min_size=8,
 )
-def _minivgg(num_classes: int, in_channels: int, img_size: tuple[int, int], width: int = 32) -> nn.Module:
+def _minivgg(
+    num_classes: int, in_channels: int, img_size: tuple[int, int], width: int = 32, blocks: int = 3
+) -> nn.Module:
     _check_positive_int("width", width)
+    _check_positive_int("blocks", blocks)
+    if blocks > 3:
+        raise ValueError(f"minivgg: blocks must be 1, 2 or 3, got {blocks}")
     layers: list[nn.Module] = []
     cin = in_channels
-    for filters in (width, width * 2, width * 4):
+    for i in range(blocks):
+        filters = width * 2**i
         layers += _conv_relu_bn(cin, filters)
         layers += _conv_relu_bn(filters, filters)
         layers += [nn.MaxPool2d(2), nn.Dropout(0.25)]

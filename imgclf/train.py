@@ -159,7 +159,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=True
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=True
         )
     if cfg.optimizer == "adadelta":
         return torch.optim.Adadelta(groups, lr=cfg.lr)
@@ -521,6 +521,18 @@ def _train(
         size,
         pre.channels,
     )
+    # Built before decoding so a bad --model-args fails at once; nothing in between draws from
+    # torch's RNG, so the initial weights are those of a model built after decoding.
+    try:
+        model = create_model(
+            cfg.model,
+            num_classes=len(index.classes),
+            in_channels=pre.channels,
+            img_size=size,
+            **cfg.model_args,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
     ds = prepare_data(cfg, index, pre, progress)
     if ds["failed"] and dist.is_main:
         lines = [f"{p}\t{r}" for p, r in ds["failed"]]
@@ -544,7 +556,6 @@ def _train(
     )
 
     classes = index.classes
-    model = create_model(cfg.model, num_classes=len(classes), in_channels=pre.channels, img_size=size)
     if not resuming:
         init_model(model, cfg)  # --init-weights / --pretrained (a resumed run loads its checkpoint)
     device = resolve_device(cfg.device)
@@ -694,20 +705,24 @@ def _train(
             "time_s": time.time() - t0,
         }
         history.append(row)
+        val_part = f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}" if vm else ""
         log.info(
-            "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %.1fs (%.0f img/s)",
+            "epoch %d/%d  loss %.4f  acc %.4f%s  lr %.2e  %.1fs (%.0f img/s)",
             epoch,
             cfg.epochs,
             row["train_loss"],
             row["train_acc"],
-            row["val_loss"],
-            row["val_acc"],
+            val_part,
             row["lr"],
             row["time_s"],
             seen / max(row["time_s"], 1e-9),
         )
         if writer is not None:
-            for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            for k in (
+                ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+                if vm
+                else ("train_loss", "train_acc", "lr")
+            ):
                 writer.add_scalar(k.replace("_", "/", 1) if "_" in k else k, row[k], epoch)
             writer.flush()
         monitor = row["val_loss"] if vm else row["train_loss"]

@@ -298,3 +298,17 @@ def test_bad_arguments() -> None:
         create_model("lenet", 10, in_channels=0)
     with pytest.raises(ValueError, match="img_size"):
         create_model("lenet", 10, img_size=(28, 28, 1))
+
+
+def test_minivgg_blocks_kwarg_is_the_fashion_tutorial_net() -> None:
+    def block(cin: int, c: int) -> int:
+        return (cin * c * 9 + c) + 2 * c + (c * c * 9 + c) + 2 * c
+
+    # Two blocks on 28x28x1 leave 7x7x64 for the 512-unit dense layer (the tutorial's MiniVGGNet).
+    expected = block(1, 32) + block(32, 64) + (7 * 7 * 64 * 512 + 512) + 2 * 512 + (512 * 10 + 10)
+    model = create_model("minivgg", 10, in_channels=1, img_size=28, blocks=2)
+    assert count_parameters(model) == expected
+    assert model.arch_args["blocks"] == 2
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="blocks must be 1, 2 or 3"):
+        create_model("minivgg", 10, blocks=4)

@@ -294,3 +294,52 @@ def test_evaluate_and_predict_tta_average_the_named_views(
     for row, w in zip(map(json.loads, out), want):
         got = {t["label"]: t["probability"] for t in row["top_k"]}
         np.testing.assert_allclose([got[c] for c in b.classes], w, atol=1e-5)
+
+
+def test_tutorial_recipe_fashion_minivgg_is_the_tutorials_net_and_optimizer() -> None:
+    from imgclf.train import make_optimizer
+
+    cfg = config_from({"data": "fashion-mnist", "model": "minivgg", "recipe": "tutorial"})
+    assert cfg.model_args == {"blocks": 2}
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov) == ("sgd", 0.01, 0.9, False)
+    assert cfg.lr_decay == pytest.approx(0.01 / 25) and (cfg.epochs, cfg.batch_size) == (25, 32)
+    # All 60,000 training images, as the tutorial (its validation data is the test set).
+    assert cfg.val_split == 0.0 and cfg.augment == "off" and cfg.img_size == 28
+    # --model-args adjusts the recipe's architecture instead of replacing it.
+    wide = config_from(
+        {"data": "fashion-mnist", "model": "minivgg", "recipe": "tutorial", "model_args": {"width": 8}}
+    )
+    assert wide.model_args == {"blocks": 2, "width": 8}
+    opt = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    assert opt.param_groups[0]["nesterov"] is False
+    assert (
+        make_optimizer(torch.nn.Linear(2, 2), cfg.replace(nesterov=True)).param_groups[0]["nesterov"] is True
+    )
+
+
+def test_cli_model_args_reach_the_bundle(tmp_path: Path) -> None:
+    from imgclf.bundle import load_bundle
+    from imgclf.cli import main
+
+    out = tmp_path / "r"
+    rc = main(["train", "--data", "digits", "--model", "minivgg", "--model-args", "blocks=2", "width=8",
+               "--img-size", "16", "--epochs", "1", "--no-progress", "--no-tensorboard",
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    bundle = load_bundle(out, backend="torch")
+    assert {"blocks": 2, "width": 8}.items() <= bundle.meta["architecture"]["args"].items()
+    convs = [m for m in bundle.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 8, 16, 16]
+
+
+def test_cli_bad_model_args_fail_before_decoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from imgclf.cli import main
+
+    rc = main(["train", "--data", "digits", "--model", "minivgg", "--model-args", "depth=2",
+               "--out", str(tmp_path / "r")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "unexpected keyword argument 'depth'" in err and "width, blocks" in err
+    assert "Traceback" not in err and not (tmp_path / "r" / "splits.json").exists()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "digits", "--model-args", "blocks"])
+    assert "is not KEY=VALUE" in capsys.readouterr().err

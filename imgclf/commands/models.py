@@ -20,5 +20,8 @@ def run(args: argparse.Namespace) -> int:
         spec = get_spec(name)
         m = create_model(name, num_classes=args.classes)
         size = f"{spec.default_size}x{spec.default_size}x{spec.default_channels}"
-        print(f"{name:<20}{size:>12}{count_parameters(m):>14,}  {spec.description}")
+        extra = {k: v for k, v in m.arch_args.items() if k not in ("num_classes", "in_channels", "img_size")}
+        # The factory's own arguments, settable with `imgclf train --model-args KEY=VALUE`.
+        args_note = f" [--model-args {' '.join(f'{k}={v}' for k, v in extra.items())}]" if extra else ""
+        print(f"{name:<20}{size:>12}{count_parameters(m):>14,}  {spec.description}{args_note}")
     return 0

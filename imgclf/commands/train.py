@@ -36,6 +36,17 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+def _key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE with VALUE read as JSON when it parses (2, 0.5, true, [1,2]), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. blocks=2)")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", help="YAML or JSON file of config keys (command-line options override it)")
@@ -54,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         h = f"{KEY_HELP[f.name]} (default: {default})".replace("%", "%%")
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif tp is dict or typing.get_origin(tp) is dict:
+            p.add_argument(
+                flag, dest=f.name, type=_key_value, nargs="+", metavar="KEY=VALUE", default=None, help=h
+            )
         elif tp is list or typing.get_origin(tp) is list:
             p.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=h)
         else:
@@ -66,7 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The config keys set on the command line (None means 'not given')."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "model_args" in given:
+        given["model_args"] = dict(given["model_args"])
+    return given
 
 
 def run(args: argparse.Namespace) -> int:
