@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     bundles = {(k, t): load(k, t) for t in args.threads for k in args.backends}
     for (_k, t), b in bundles.items():  # warm-up (ORT builds its session here)
         torch.set_num_threads(t)
+        # The session is built lazily on the first call and reads its thread count then.
+        os.environ["IMGCLF_ORT_THREADS"] = str(t)
         b.predict_batch(batch[:1])
         b.predict_batch(batch)
     lat: dict[Any, list[float]] = {k: [] for k in bundles}
