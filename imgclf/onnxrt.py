@@ -34,8 +34,8 @@ def default_threads() -> int:
     """Intra-op threads: $IMGCLF_ORT_THREADS, else every core up to 4.
 
     Measured on the idle 2-core dev box (docs/PERFORMANCE.md): 2 threads gave SmallerVGGNet
-    96x96 a 2.02 ms single-image latency against 3.68 ms with 1, and the same batch-64
-    throughput (654 vs 696 img/s). Under contention 1 thread is better; ``imgclf serve``
+    96x96 a 2.01 ms single-image latency against 3.68 ms with 1, and 724 against 387 img/s at
+    batch 64. Under contention 1 thread is better; ``imgclf serve``
     therefore leaves a core to the HTTP side, and the variable overrides both.
     """
     env = os.environ.get(THREADS_ENV, "").strip()
