@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--int8",
         action="store_true",
         help="ONNX: also write <name>.int8.onnx, statically quantized (SmallerVGGNet on an AVX512-VNNI "
-        "CPU: 1.5-1.7x faster single-image latency, 1.2-1.3x batch throughput) and report its accuracy against float32 on held-out images",
+        "CPU: 1.5-1.7x faster single-image latency, 1.2-1.3x batch throughput) and report its "
+        "accuracy against float32 on held-out images",
     )
     p.add_argument(
         "--calibration",
