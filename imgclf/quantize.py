@@ -4,8 +4,9 @@ The float32 graph from :func:`imgclf.export.onnx_model_bytes` (uint8 NHWC in, pr
 inside) goes through ``onnxruntime.quantization.quantize_static``: QDQ format, int8 weights per
 output channel, uint8 activations whose ranges are calibrated on training images. On CPUs
 with AVX512-VNNI this cuts single-image latency by a third or more (bench/infer_speed.py).
-Quantization can change a prediction, so it is opt-in (``imgclf export --int8``) and the export reports accuracy
-and top-1 agreement against float32 on held-out images the model never trained on.
+Quantization can change a prediction, so it is opt-in (``imgclf export --int8``) and the export
+reports accuracy and top-1 agreement against float32 on held-out images the model never
+trained on.
 """
 
 from __future__ import annotations
