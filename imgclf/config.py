@@ -70,7 +70,7 @@ class TrainConfig:
     max_pixels: int = 100_000_000
     compile: bool = False  # torch.compile the model
     device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (cuda or mps when present)
-    precision: str = "fp32"  # fp32 | bf16 (autocast: conv/linear math in bfloat16, weights fp32)
+    precision: str = "fp32"  # fp32 | bf16 (autocast: conv/linear math in bfloat16) | auto
     ray_workers: int | None = None  # data-parallel training on Ray with this many workers (imgclf[ray])
     ray_address: str | None = None  # Ray cluster: auto, ray://host:10001; None: start a local one
     extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific values
@@ -104,8 +104,8 @@ class TrainConfig:
             raise ConfigError("img_size must be >= 8")
         if self.lr <= 0:
             raise ConfigError("lr must be > 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision={self.precision!r}: use fp32 or bf16")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 or auto")
         if not 0.0 <= self.erase <= 1.0:
             raise ConfigError("erase must be a probability in [0, 1]")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
@@ -219,9 +219,10 @@ HELP: dict[str, str] = {
     "max_pixels": "refuse images with more pixels than this (decompression-bomb guard)",
     "device": "where to train: cpu (default), cuda, cuda:N, mps, or auto (a GPU when one is "
     "present); the bundle is saved for the CPU either way",
-    "precision": "fp32, or bf16: convolutions and dense layers compute in bfloat16 under autocast "
-    "(weights, optimizer and the saved bundle stay float32); about 1.6-1.9x faster training on "
-    "CPUs with native bf16 (AVX512-BF16/AMX), slower on others",
+    "precision": "fp32; bf16: convolutions and dense layers compute in bfloat16 under autocast "
+    "(weights, optimizer and the saved bundle stay float32), about 1.6-2x faster training on "
+    "CPUs with native bf16 (AVX512-BF16/AMX), slower on others; auto: bf16 when training on "
+    "such a CPU, else fp32 (the best recipe's choice)",
     "compile": "torch.compile the model (slower start, may train faster)",
     "ray_workers": "train data-parallel on Ray with this many workers (DDP; needs pip install "
     "'imgclf[ray]'); the global batch size stays --batch-size",

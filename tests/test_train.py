@@ -223,3 +223,19 @@ def test_bf16_precision_trains_and_saves_float32_weights(tmp_path: Path) -> None
     weights = load_file(str(res.bundle_dir / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in weights.values())
     assert json.loads((res.run_dir / "config.json").read_text())["precision"] == "bf16"
+
+
+def test_precision_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgclf.train as T
+    from imgclf import data as D
+    from imgclf.recipes import config_from
+
+    index = D.index_source("digits")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(T, "cpu_has_native_bf16", lambda native=native: native)
+        assert T.resolve_defaults(TrainConfig(precision="auto"), index).precision == expected
+    # An explicit choice is kept either way; the best recipe asks for auto, the tutorial for fp32.
+    assert T.resolve_defaults(TrainConfig(precision="bf16"), index).precision == "bf16"
+    assert config_from({"data": "digits"}).precision == "auto"
+    assert config_from({"data": "mnist", "recipe": "tutorial"}).precision == "fp32"
+    assert config_from({"data": "digits", "precision": "fp32"}).precision == "fp32"
