@@ -76,10 +76,26 @@ class DistContext:
 # --------------------------------------------------------------------------- setup helpers
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted.
+
+    Jupyter and pytest replace ``sys.stderr``; a handler bound to the old object would write
+    to a closed stream ("--- Logging error ---") on the next training run in the same process.
+    """
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(run_dir: Path) -> logging.Handler:
     log.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in log.handlers):
-        sh = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        sh = _CurrentStderr()
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
     fh = logging.FileHandler(run_dir / "train.log")

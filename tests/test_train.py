@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,21 @@ def test_precision_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch: pytes
     assert config_from({"data": "digits"}).precision == "auto"
     assert config_from({"data": "mnist", "recipe": "tutorial"}).precision == "fp32"
     assert config_from({"data": "digits", "precision": "fp32"}).precision == "fp32"
+
+
+def test_logging_follows_a_replaced_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Jupyter and pytest swap sys.stderr; a later run must not write to the closed old one.
+    import io
+
+    from imgclf.cli import main
+
+    argv = ["train", "--data", "digits", "--model", "minivgg", "--model-args", "depth=2"]
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    err = second.getvalue()
+    assert "Logging error" not in err and "data digits: 1797 items" in err
