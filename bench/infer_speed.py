@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     batch = np.stack([eager.prepare(f) for f in files])
     int8_path = None
     if "onnxruntime-int8" in args.backends:
-        from imgclf.export import onnx_model_bytes
+        from imgclf.export import int8_source_onnx
         from imgclf.quantize import quantize_int8
 
-        int8_path = quantize_int8(onnx_model_bytes(eager), cal, Path(tmp.name) / "model.int8.onnx")
+        int8_path = quantize_int8(int8_source_onnx(eager), cal, Path(tmp.name) / "model.int8.onnx")
 
     def load(kind: str, threads: int) -> Any:
         torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -585,11 +586,25 @@ def int8_path_for(path: Path) -> Path:
     return path.with_name(path.stem + ".int8.onnx")
 
 
+def int8_source_onnx(bundle: Bundle) -> bytes:
+    """The float32 ONNX graph that ``--int8`` quantizes: the export with its Keras-order
+    BatchNorms folded into the next conv (exact; see ``quantize.fold_batchnorm_forward``)."""
+    from .quantize import fold_batchnorm_forward
+
+    folded = fold_batchnorm_forward(bundle.model, (bundle.pre.channels, *bundle.pre.size))
+    return onnx_model_bytes(dataclasses.replace(bundle, model=folded))
+
+
 def _add_int8(
     bundle: Bundle, res: ExportResult, calibration: np.ndarray | None, check_images: np.ndarray | None
 ) -> None:
     from .onnxrt import OrtRunner
-    from .quantize import CALIBRATION_IMAGES, compare_int8, quantize_int8, recorded_images
+    from .quantize import (
+        CALIBRATION_IMAGES,
+        compare_int8,
+        quantize_int8,
+        recorded_images,
+    )
 
     if calibration is None:
         rec = recorded_images(bundle, "train", CALIBRATION_IMAGES)
@@ -599,7 +614,7 @@ def _add_int8(
                 "bundle is not available here; pass --calibration IMAGES (a few hundred typical images)"
             )
         calibration = rec[0]
-    path = quantize_int8(res.path.read_bytes(), calibration, int8_path_for(res.path))
+    path = quantize_int8(int8_source_onnx(bundle), calibration, int8_path_for(res.path))
     res.extra.append(path)
     held = recorded_images(bundle, "test", 2000) or recorded_images(bundle, "val", 2000)
     fp32, q = OrtRunner(res.path), OrtRunner(path)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from imgclf.bundle import BundleError, load_bundle
 from imgclf.cli import main
@@ -347,3 +349,31 @@ def test_ort_threads_default_and_override(monkeypatch):
     assert default_threads() == 3
     monkeypatch.setenv(THREADS_ENV, "lots")  # unreadable: back to the default
     assert default_threads() == max(1, min(4, os.cpu_count() or 1))
+
+
+@pytest.mark.parametrize("name", ["smallervggnet", "minivgg"])
+def test_fold_batchnorm_forward_is_exact(name: str) -> None:
+    from imgclf.models import create_model
+    from imgclf.quantize import fold_batchnorm_forward
+
+    torch.manual_seed(0)
+    model = create_model(name, 5, in_channels=3, img_size=32).eval()
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:  # trained-looking statistics, so the fold has something to fold
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.3)
+            bn.running_mean.uniform_(0, 1)
+            bn.running_var.uniform_(0.5, 2)
+        # A negative scale cannot pass a MaxPool: the BN before the first pool must stay.
+        bns[{"smallervggnet": 0, "minivgg": 1}[name]].weight[0] = -0.7
+    folded = fold_batchnorm_forward(model, (3, 32, 32))
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    # Every BN followed by a conv is folded except the one with a negative scale before a
+    # MaxPool; the last one feeds the dense layer, not a conv.
+    followed_by_conv = {"smallervggnet": 4, "minivgg": 5}[name]
+    assert left == len(bns) - followed_by_conv + 1
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(bns)  # original untouched
