@@ -96,23 +96,31 @@ print(json.dumps({"epoch_s": times, "images_per_epoch": len(trainX), "load_s": l
 """
 
 
-def keras_run(tf_python: str, folder: Path, epochs: int, seed: int) -> dict[str, Any]:
+def keras_run(tf_python: str, script: str, args: list[str]) -> dict[str, Any]:
+    """Run ``script`` (Keras code) under ``tf_python``; its last stdout line is a JSON result."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(KERAS_SCRIPT)
-        script = f.name
+        f.write(script)
+        path = f.name
     try:
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        out = subprocess.run(
-            [tf_python, script, str(folder), str(epochs), str(seed)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
+        out = subprocess.run([tf_python, path, *args], capture_output=True, text=True, env=env)
     finally:
-        os.unlink(script)
+        os.unlink(path)
     if out.returncode != 0:
         raise RuntimeError(f"Keras reference failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def tf_available(tf_python: str) -> bool:
+    """True when ``tf_python`` imports TensorFlow; otherwise says how to get it."""
+    probe = subprocess.run([tf_python, "-c", "import tensorflow"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(
+            f"error: {tf_python} cannot import tensorflow. Install it (pip install tensorflow-cpu scipy "
+            "pillow), in its own venv if you like, and pass --tf-python PATH",
+            file=sys.stderr,
+        )
+    return probe.returncode == 0
 
 
 def imgclf_run(folder: Path, epochs: int, runs: Path, i: int) -> dict[str, Any]:
@@ -143,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=SIGN, help="photos, a folder per class (default: Sign)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tutorial_reference.json"))
     a = ap.parse_args(argv)
-    probe = subprocess.run([a.tf_python, "-c", "import tensorflow"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        print(
-            f"error: {a.tf_python} cannot import tensorflow. Install it (pip install tensorflow-cpu scipy "
-            "pillow), in its own venv if you like, and pass --tf-python PATH",
-            file=sys.stderr,
-        )
+    if not tf_available(a.tf_python):
         return 2
     if not a.data.is_dir():
         print(f"error: {a.data} not found; set IMGCLF_SHARED or pass --data", file=sys.stderr)
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     load = [os.getloadavg()]
     for r in range(a.rounds):
         print(f"round {r + 1}/{a.rounds}: Keras tutorial pipeline ...", file=sys.stderr, flush=True)
-        rows["keras_tutorial"].append(keras_run(a.tf_python, a.data, a.epochs, 42 + r))
+        args = [str(a.data), str(a.epochs), str(42 + r)]
+        rows["keras_tutorial"].append(keras_run(a.tf_python, KERAS_SCRIPT, args))
         print(f"round {r + 1}/{a.rounds}: imgclf --recipe tutorial ...", file=sys.stderr, flush=True)
         rows["imgclf"].append(imgclf_run(a.data, a.epochs, runs, r))
         load.append(os.getloadavg())
