@@ -34,6 +34,9 @@ GREY_BUILTINS = ("mnist", "fashion-mnist", "digits")
 # - SmallerVGGNet: PyImageSearch "Keras and Convolutional Neural Networks (CNNs)" (Pokedex,
 #   2018): Adam(lr=1e-3, decay=1e-3/100), 100 epochs, batch 32, 96x96x3, ImageDataGenerator
 #   rotation 25, shift 0.1, shear 0.2, zoom 0.2, horizontal flip; 80/20 train/test split.
+# - SimpleCNN: the Keras cats-vs-dogs CNN tutorial (64x64x3, one sigmoid output, binary
+#   cross-entropy): Adam at Keras' default 1e-3 without decay, 25 epochs, batch 32,
+#   ImageDataGenerator(rescale 1/255, shear 0.2, zoom 0.2, horizontal flip), no rotation or shift.
 _LENET_TUTORIAL: dict[str, Any] = {
     "optimizer": "sgd",
     "lr": 0.01,
@@ -64,6 +67,7 @@ _MINIVGG_TUTORIAL: dict[str, Any] = {
     "batch_size": 32,
     "augment": "off",
 }
+_CATS_DOGS_AUG = {"augment": "on", "rotation": 0.0, "shift": 0.0, "shear": 0.2, "zoom": 0.2, "flip": "on"}
 _KERAS_AUG = {"augment": "on", "rotation": 25.0, "shift": 0.1, "shear": 0.2, "zoom": 0.2, "flip": "on"}
 TUTORIAL: dict[tuple[str, str], dict[str, Any]] = {
     ("*", "lenet"): _LENET_TUTORIAL,
@@ -79,6 +83,16 @@ TUTORIAL: dict[tuple[str, str], dict[str, Any]] = {
         "batch_size": 32,
         "img_size": 96,
         **_KERAS_AUG,
+    },
+    ("*", "simplecnn"): {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "lr_decay": 0.0,
+        "schedule": "keras-decay",
+        "epochs": 25,
+        "batch_size": 32,
+        "img_size": 64,
+        **_CATS_DOGS_AUG,
     },
 }
 

@@ -317,6 +317,37 @@ def test_tutorial_recipe_fashion_minivgg_is_the_tutorials_net_and_optimizer() ->
     )
 
 
+def test_tutorial_recipe_cats_vs_dogs_trains_a_one_logit_simplecnn(sign_dir: Path, tmp_path: Path) -> None:
+    from imgclf.bundle import load_bundle
+    from imgclf.train import train
+
+    # Two real photo classes stand in for cats and dogs.
+    data = tmp_path / "pets"
+    for cls, src in (("cats", "0"), ("dogs", "1")):
+        (data / cls).mkdir(parents=True)
+        for f in sorted((sign_dir / src).iterdir())[:24]:
+            (data / cls / f.name).symlink_to(f)
+    given = {"data": str(data), "model": "simplecnn", "recipe": "tutorial"}
+    cfg = config_from(given)
+    assert (cfg.optimizer, cfg.lr, cfg.lr_decay, cfg.epochs, cfg.batch_size) == ("adam", 1e-3, 0.0, 25, 32)
+    assert (cfg.img_size, cfg.augment, cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, cfg.flip) == (
+        64,
+        "on",
+        0.0,
+        0.0,
+        0.2,
+        0.2,
+        "on",
+    )
+    res = train(
+        config_from({**given, "epochs": 1, "out": str(tmp_path / "run"), "tensorboard": False}),
+        progress=False,
+    )
+    b = load_bundle(res.bundle_dir)
+    assert b.classes == ["cats", "dogs"] and b.meta["train_config"]["optimizer"] == "adam"
+    assert b.model is not None and b.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1)  # one sigmoid logit
+
+
 def test_cli_model_args_reach_the_bundle(tmp_path: Path) -> None:
     from imgclf.bundle import load_bundle
     from imgclf.cli import main
