@@ -639,7 +639,9 @@ def _train(
 
     x_all = torch.from_numpy(tr.images)
     y_all = torch.from_numpy(tr.labels)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    # The schedule is a function of (config, step): base rates come from the config, never from
+    # a restored optimizer, whose rates are already scaled (that applied the decay twice).
+    base_lrs = [cfg.lr for _ in opt.param_groups]
     stop_reason = ""
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         model.train()

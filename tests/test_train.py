@@ -76,6 +76,24 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path: P
             assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
+def test_resume_keeps_the_decayed_schedule_identical(tmp_path: Path) -> None:
+    """Resume must not re-apply the decay to already decayed rates (the lr trace is identical)."""
+    torch.set_num_threads(1)
+    try:
+        # an explicit per-step decay makes the schedule independent of the planned epoch count
+        kw = dict(epochs=3, subset=400, optimizer="adam", lr=1e-3, lr_decay=0.05)
+        straight = train(_digits(tmp_path, "a", **kw), progress=False)
+        part = train(_digits(tmp_path, "b", **{**kw, "epochs": 2}), progress=False)
+        cont = resume(part.run_dir, epochs=3, progress=False)
+    finally:
+        torch.set_num_threads(torch.get_num_threads())
+    lr_a = [h["lr"] for h in straight.history]
+    lr_b = [h["lr"] for h in cont.history]
+    assert lr_b == pytest.approx(lr_a, rel=1e-9)
+    assert lr_b[-1] > lr_a[0] * 0.4  # decayed twice, the last rate would be ~0.26x the first
+    assert cont.metrics["test_accuracy"] == pytest.approx(straight.metrics["test_accuracy"], abs=0.02)
+
+
 def test_nan_loss_stops_with_clear_message(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="diverged"):
         train(_digits(tmp_path, "nan", epochs=2, lr=1e30, optimizer="sgd", momentum=0.0), progress=False)
