@@ -1,8 +1,8 @@
 """Accuracy bench: (dataset, model, recipe) -> wall time and test accuracy.
 
-Each row trains with ``imgclf.train`` through the recipe (exactly as ``imgclf train --data D
+Each row trains with ``imgclf.training.trainer`` through the recipe (exactly as ``imgclf train --data D
 --model M --recipe R`` would), then measures test accuracy plain and with test-time
-augmentation (``imgclf.tta.predict_tta``). Results merge into bench/results/accuracy.json
+augmentation (``imgclf.runtime.tta.predict_tta``). Results merge into bench/results/accuracy.json
 (one entry per row id, so rows can be run one at a time) and ``--markdown`` writes the table.
 
     python bench/accuracy.py --list
@@ -13,7 +13,7 @@ augmentation (``imgclf.tta.predict_tta``). Results merge into bench/results/accu
 
 Datasets: ``mnist`` and ``fashion-mnist`` (official 60k/10k split; 20 % of train held out for
 validation) and ``sign`` = ``../shared/datasets/sign-language-digits`` (seeded 70/10/20
-train/val/test split, near-duplicates grouped onto one side by imgclf.inspect).
+train/val/test split, near-duplicates grouped onto one side by imgclf.analysis.doctor).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def git_commit() -> str:
 
 def test_arrays(result: Any, data: str, pre: Any) -> tuple[np.ndarray, np.ndarray]:
     """The run's own test split (from splits.json), decoded with the bundle's preprocessing."""
-    from imgclf import data as D
+    from imgclf.data import sources as D
 
     splits = json.loads((Path(result.run_dir) / "splits.json").read_text())
     index = D.index_source(data)
@@ -120,10 +120,10 @@ def run_row(
 ) -> dict[str, Any]:
     import torch
 
-    from imgclf.bundle import load_bundle
-    from imgclf.recipes import config_from
-    from imgclf.train import train
-    from imgclf.tta import auto_views, predict_tta
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.tta import auto_views, predict_tta
+    from imgclf.training.recipes import config_from
+    from imgclf.training.trainer import train
 
     rid = row_id(ds, model, recipe)
     out = runs_dir / rid.replace("/", "_")

@@ -3,9 +3,9 @@
 Makes a temporary folder of large JPEGs by upscaling real Sign Language photos (3000x3000 and
 6000x4000) plus the dataset's 3 real 3024x3024 photos, then measures, interleaved:
   * naive: PIL full-resolution decode + resize (what a plain loader does),
-  * imgclf: ``imgclf.preprocess.load_uint8`` (JPEG draft mode: the decoder scales by 1/2..1/8),
+  * imgclf: ``imgclf.core.preprocess.load_uint8`` (JPEG draft mode: the decoder scales by 1/2..1/8),
     on one thread and on a thread per core (as ``decode_items`` runs it),
-  * ``imgclf.data.decode_items`` cold (empty cache, 2 threads) and warm (cache only), counting
+  * ``imgclf.data.sources.decode_items`` cold (empty cache, 2 threads) and warm (cache only), counting
     how many images the warm pass decoded (must be 0).
 
   python bench/decode_speed.py [--per-size 6] [--size 96] [--repeats 3]
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGCLF_SHARED", ROOT.parent / "shared" / "datasets"))
 SIGN = SHARED / "sign-language-digits"
 
-from imgclf import data as D  # noqa: E402
-from imgclf.preprocess import Preprocess, load_uint8  # noqa: E402
+from imgclf.core.preprocess import Preprocess, load_uint8  # noqa: E402
+from imgclf.data import sources as D  # noqa: E402
 
 
 def make_folder(dst: Path, per_size: int) -> dict[str, list[Path]]:

@@ -1,6 +1,6 @@
 """Inference speed through the bundle: PyTorch eager vs ONNX Runtime, side by side (issue 5).
 
-Uses ``imgclf.bundle.load_bundle(path, backend=...)`` for each backend on the same bundle and the
+Uses ``imgclf.runtime.bundle.load_bundle(path, backend=...)`` for each backend on the same bundle and the
 same real Sign Language photos (decoded once; decoding is excluded from the timings), and
 measures, interleaved ``--repeats`` times:
   * batch-1 latency of ``Bundle.predict_batch`` (p50 and p99 over ``--calls`` calls),
@@ -36,9 +36,9 @@ SIGN = SHARED / "sign-language-digits"
 
 
 def make_bundle(dst: Path) -> Path:
-    from imgclf.bundle import save_bundle
-    from imgclf.models import create_model
-    from imgclf.preprocess import Preprocess
+    from imgclf.core.preprocess import Preprocess
+    from imgclf.models.registry import create_model
+    from imgclf.runtime.bundle import save_bundle
 
     model = create_model("smallervggnet", num_classes=10, in_channels=3, img_size=96).eval()
     return save_bundle(dst / "model", model, Preprocess((96, 96), 3), [str(i) for i in range(10)])
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from imgclf.bundle import load_bundle
+    from imgclf.runtime.bundle import load_bundle
 
     tmp = tempfile.TemporaryDirectory(prefix="imgclf-infer-")
     path = Path(args.bundle) if args.bundle else make_bundle(Path(tmp.name))
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = np.stack([eager.prepare(f) for f in files])
     int8_path = None
     if "onnxruntime-int8" in args.backends:
-        from imgclf.export import int8_source_onnx
-        from imgclf.quantize import quantize_int8
+        from imgclf.exporters.formats import int8_source_onnx
+        from imgclf.exporters.int8 import quantize_int8
 
         int8_path = quantize_int8(int8_source_onnx(eager), cal, Path(tmp.name) / "model.int8.onnx")
 

@@ -43,9 +43,9 @@ def free_port() -> int:
 
 
 def untrained_bundle(dst: Path) -> Path:
-    from imgclf.bundle import save_bundle
-    from imgclf.models import create_model
-    from imgclf.preprocess import Preprocess
+    from imgclf.core.preprocess import Preprocess
+    from imgclf.models.registry import create_model
+    from imgclf.runtime.bundle import save_bundle
 
     model = create_model("smallervggnet", num_classes=10, in_channels=3, img_size=(96, 96))
     return save_bundle(dst, model, Preprocess(size=(96, 96), channels=3), [str(i) for i in range(10)])

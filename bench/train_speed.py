@@ -6,7 +6,7 @@ Per model it measures, interleaved ``--repeats`` times (medians reported, spread
     forward + backward),
   * bare loop img/s: the same model, optimizer and batch on in-memory float tensors,
     no augmentation, no data handling,
-  * full pipeline img/s through the real ``imgclf.train.train`` (decode cache warm,
+  * full pipeline img/s through the real ``imgclf.training.trainer.train`` (decode cache warm,
     augmentation as the defaults choose), with the background prefetch on and off,
   * % of ceiling and the overhead ratio pipeline / bare.
 ``--levers`` adds: optimizer variants, channels_last vs NCHW, batch size, 1 vs 2 threads,
@@ -39,10 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMGCLF_SHARED", ROOT.parent / "shared" / "datasets"))
 os.environ.setdefault("IMGCLF_DATA_DIR", str(SHARED))
 
-from imgclf.config import TrainConfig  # noqa: E402
-from imgclf.models import create_model  # noqa: E402
+from imgclf.models.registry import create_model  # noqa: E402
+from imgclf.training.config import TrainConfig  # noqa: E402
 
-T = importlib.import_module("imgclf.train")  # the module (imgclf.train is also a function)
+T = importlib.import_module(
+    "imgclf.training.trainer"
+)  # the module (imgclf.training.trainer is also a function)
 
 MODELS = {
     # name: (img size, channels, batch, data, augment)
@@ -135,7 +137,7 @@ def bare_loop(
 
 
 def pipeline(name: str, work: Path, subset: int, prefetch: bool, tag: str, precision: str = "fp32") -> float:
-    """Epoch-2 training img/s of a real ``imgclf.train.train`` run (no validation split).
+    """Epoch-2 training img/s of a real ``imgclf.training.trainer.train`` run (no validation split).
 
     ``prefetch`` forces the background batch thread on or off (the default is auto);
     ``precision`` "auto" is what the best recipe (the CLI default) trains with.

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from imgclf.core.version import __version__
 
 if TYPE_CHECKING:
-    from .bundle import Bundle
-    from .train import TrainResult
+    from imgclf.runtime.bundle import Bundle
+    from imgclf.training.trainer import TrainResult
 
 
 def train(config: Any = None, /, *, progress: bool | None = None, **kwargs: Any) -> TrainResult:
@@ -24,9 +24,9 @@ def train(config: Any = None, /, *, progress: bool | None = None, **kwargs: Any)
 
     With a dict or keywords, the chosen ``recipe`` fills only the keys not given.
     """
-    from .config import TrainConfig
-    from .recipes import config_from
-    from .train import train as _train
+    from imgclf.training.config import TrainConfig
+    from imgclf.training.recipes import config_from
+    from imgclf.training.trainer import train as _train
 
     if isinstance(config, TrainConfig):
         cfg = config.replace(**kwargs)
@@ -37,7 +37,7 @@ def train(config: Any = None, /, *, progress: bool | None = None, **kwargs: Any)
 
 def load(path: str) -> Bundle:
     """Load a bundle folder (or a run folder holding model/)."""
-    from .bundle import load_bundle
+    from imgclf.runtime.bundle import load_bundle
 
     return load_bundle(path)
 

@@ -13,19 +13,20 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from . import __version__, commands
+from imgclf import commands
+from imgclf.core.version import __version__
 
 # Errors that are the user's to fix: shown as one line, never as a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .bundle import BundleError
-    from .config import ConfigError
-    from .data import DataError
-    from .imageio import ImageDecodeError
-    from .models import UnknownModelError
-    from .train import TrainingError
+    from imgclf.core.imageio import ImageDecodeError
+    from imgclf.data.sources import DataError
+    from imgclf.models.registry import UnknownModelError
+    from imgclf.runtime.bundle import BundleError
+    from imgclf.training.config import ConfigError
+    from imgclf.training.trainer import TrainingError
 
     return (BundleError, ConfigError, DataError, ImageDecodeError, UnknownModelError, TrainingError)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from imgclf.bundle import load_bundle
-from imgclf.serve import create_app, serve_in_thread
+from imgclf.runtime.bundle import load_bundle
+from imgclf.serving.app import create_app, serve_in_thread
 
 CHROMIUM = Path(os.environ.get("IMGCLF_CHROMIUM", "/usr/bin/chromium"))
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

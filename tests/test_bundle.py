@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import imgclf
-from imgclf.bundle import BundleError, load_bundle, save_bundle
-from imgclf.data import decode_items, index_source
-from imgclf.models import create_model
-from imgclf.preprocess import Preprocess
+from imgclf.core.preprocess import Preprocess
+from imgclf.data.sources import decode_items, index_source
+from imgclf.models.registry import create_model
+from imgclf.runtime.bundle import BundleError, load_bundle, save_bundle
 
 
 def _mnist_test_images(bundle, n: int = 64) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_channels_last_state_is_saved_contiguous(tmp_path: Path) -> None:
     x = np.random.default_rng(0).integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
     m.eval()
     with torch.no_grad():
-        from imgclf.preprocess import normalize
+        from imgclf.core.preprocess import normalize
 
         ref = torch.softmax(m(normalize(torch.from_numpy(x), b.pre)), 1).numpy()
     np.testing.assert_allclose(b.predict_batch(x), ref, atol=1e-5)

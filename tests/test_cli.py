@@ -35,7 +35,7 @@ def test_models_lists_registry() -> None:
 
 
 def test_predict_json_fields_and_bad_file(mnist_bundle: Path, tmp_path: Path, mnist_dir: Path) -> None:
-    from imgclf.data import index_source
+    from imgclf.data.sources import index_source
 
     idx = index_source("mnist")
     test = np.flatnonzero(idx.split == "test")[:5]

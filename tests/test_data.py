@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf import data as D
-from imgclf.imageio import ImageDecodeError, open_image
-from imgclf.preprocess import Preprocess, load_uint8
+from imgclf.core.imageio import ImageDecodeError, open_image
+from imgclf.core.preprocess import Preprocess, load_uint8
+from imgclf.data import sources as D
 
 
 def test_sign_language_folder_counts_and_classes(sign_dir: Path) -> None:

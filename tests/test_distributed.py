@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgclf.config import TrainConfig
+from imgclf.training.config import TrainConfig
 
 ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'imgclf[ray]')")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -30,7 +30,7 @@ def ray_local(mnist_dir: Path):
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
-    from imgclf.train import train
+    from imgclf.training.trainer import train
 
     out = tmp_path_factory.mktemp("ray") / "mnist2"
     return train(TrainConfig(**RUN, out=str(out), ray_workers=2), progress=False)
@@ -41,7 +41,7 @@ def mnist_pngs(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """2,000 real MNIST test digits as PNG files in class folders, plus one corrupt file."""
     from PIL import Image
 
-    from imgclf.data import read_idx
+    from imgclf.data.sources import read_idx
 
     root = tmp_path_factory.mktemp("pngs")
     x = read_idx(gzip.decompress((mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes()))
@@ -55,8 +55,8 @@ def mnist_pngs(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_two_workers_match_one_and_write_one_bundle(two_worker_run, tmp_path: Path) -> None:
-    from imgclf.bundle import load_bundle
-    from imgclf.train import train
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.training.trainer import train
 
     one = train(TrainConfig(**RUN, out=str(tmp_path / "mnist1")), progress=False)
     two = two_worker_run
@@ -75,9 +75,9 @@ def test_two_workers_match_one_and_write_one_bundle(two_worker_run, tmp_path: Pa
 
 
 def test_predict_batch_matches_predict(two_worker_run, mnist_pngs: Path, tmp_path: Path) -> None:
-    from imgclf.batch_predict import predict_batch, read_predictions
-    from imgclf.bundle import load_bundle
-    from imgclf.predict import expand_paths, predict_files
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.predict import expand_paths, predict_files
+    from imgclf.serving.batch import predict_batch, read_predictions
 
     bundle = load_bundle(two_worker_run.bundle_dir)
     files, _ = expand_paths([str(mnist_pngs)])
@@ -111,7 +111,7 @@ def test_predict_batch_matches_predict(two_worker_run, mnist_pngs: Path, tmp_pat
 
 
 def test_damaged_part_is_redone(two_worker_run, mnist_pngs: Path, tmp_path: Path) -> None:
-    from imgclf.batch_predict import parts_dir, predict_batch, read_predictions
+    from imgclf.serving.batch import parts_dir, predict_batch, read_predictions
 
     out = tmp_path / "p.parquet"
     parts_dir(out).mkdir()
@@ -122,8 +122,8 @@ def test_damaged_part_is_redone(two_worker_run, mnist_pngs: Path, tmp_path: Path
 
 
 def test_killed_worker_does_not_lose_the_run(ray_local, tmp_path: Path, monkeypatch) -> None:
-    from imgclf.distributed import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
-    from imgclf.train import train
+    from imgclf.training.distributed import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
+    from imgclf.training.trainer import train
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "1")
@@ -166,8 +166,8 @@ def test_ray_serve_same_api(two_worker_run, mnist_pngs: Path) -> None:
     import httpx
     from ray import serve
 
-    from imgclf import ray_serve
-    from imgclf.bundle import load_bundle
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.serving import ray_serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""imgclf.evaluate: metrics against hand computation, split selection, report, bad files, colour probe."""
+"""imgclf.analysis.evaluate: metrics vs hand computation, split selection, report, bad files, colour probe."""
 
 from __future__ import annotations
 
@@ -16,10 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf.bundle import load_bundle
-from imgclf.cli import main
-from imgclf.data import DataError, index_source
-from imgclf.evaluate import (
+from imgclf.analysis.evaluate import (
     bias_probe,
     bias_verdict,
     compute_metrics,
@@ -29,6 +26,9 @@ from imgclf.evaluate import (
     hue_shift,
     select_items,
 )
+from imgclf.cli import main
+from imgclf.data.sources import DataError, index_source
+from imgclf.runtime.bundle import load_bundle
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from imgclf.bundle import load_bundle
+from imgclf.analysis.explain import UnknownClassError, find_target_layer, gradcam, gradcam_batch, overlay_png
 from imgclf.cli import main
-from imgclf.explain import UnknownClassError, find_target_layer, gradcam, gradcam_batch, overlay_png
-from imgclf.models import create_model, get_spec, list_models
+from imgclf.models.registry import create_model, get_spec, list_models
+from imgclf.runtime.bundle import load_bundle
 
 
 @pytest.fixture(autouse=True)

@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf.bundle import BundleError, load_bundle
 from imgclf.cli import main
-from imgclf.export import (
+from imgclf.exporters.formats import (
     ExportError,
     ImageInputWrapper,
     compare,
@@ -24,14 +23,15 @@ from imgclf.export import (
     load_torchscript,
     trace,
 )
-from imgclf.onnxrt import OrtRunner
+from imgclf.runtime.bundle import BundleError, load_bundle
+from imgclf.runtime.onnxrt import OrtRunner
 
 N_IMAGES = 200
 TOL = 1e-4
 
 
 def _mnist_test_images(bundle) -> np.ndarray:
-    from imgclf.data import decode_items, index_source
+    from imgclf.data.sources import decode_items, index_source
 
     index = index_source("mnist")
     idx = np.flatnonzero(index.split == "test")[:N_IMAGES]
@@ -143,7 +143,7 @@ def test_load_bundle_from_onnx_file(case):
 def test_coreml_spec_and_wrapper_parity(case):
     import torch
 
-    from imgclf.export import coreml_spec_summary, export_coreml
+    from imgclf.exporters.formats import coreml_spec_summary, export_coreml
 
     name, b, images, ref, tmp = case
     res = export_coreml(b, tmp / "model.mlpackage")
@@ -237,8 +237,8 @@ def test_exported_onnx_and_served_bundle_give_identical_json(sign_bundle, sign_d
     """What a deployed .onnx file predicts equals what `imgclf serve` answers for the bundle."""
     from fastapi.testclient import TestClient
 
-    from imgclf.predict import predict_files
-    from imgclf.serve import create_app
+    from imgclf.runtime.predict import predict_files
+    from imgclf.serving.app import create_app
 
     out = tmp_path / "sign.onnx"
     assert main(["export", str(sign_bundle), "--format", "onnx", "--out", str(out)]) == 0
@@ -270,7 +270,7 @@ def test_int8_export_is_calibrated_on_training_images_and_checked_on_held_out(mn
     assert "held-out images" in line and "(float32) ->" in line
     meta = load_bundle(q).meta
     assert meta["classes"] == load_bundle(mnist_bundle).classes
-    from imgclf.onnxrt import read_metadata
+    from imgclf.runtime.onnxrt import read_metadata
 
     props = read_metadata(q)
     assert (
@@ -278,7 +278,7 @@ def test_int8_export_is_calibrated_on_training_images_and_checked_on_held_out(mn
         and 200 <= int(props["imgclf.calibration_images"]) <= 256
     )
     # the int8 graph predicts like the float32 one on real MNIST test digits
-    from imgclf.quantize import compare_int8
+    from imgclf.exporters.int8 import compare_int8
 
     b = load_bundle(mnist_bundle, backend="torch")
     x = _mnist_test_images(b)
@@ -315,7 +315,7 @@ def test_serve_runs_an_int8_onnx_file(mnist_bundle, mnist_dir, tmp_path):
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from imgclf.serve import create_app
+    from imgclf.serving.app import create_app
 
     out = tmp_path / "m.onnx"
     assert main(["export", str(mnist_bundle), "--int8", "-o", str(out)]) == 0
@@ -341,7 +341,7 @@ def test_serve_runs_an_int8_onnx_file(mnist_bundle, mnist_dir, tmp_path):
 def test_ort_threads_default_and_override(monkeypatch):
     import os
 
-    from imgclf.onnxrt import THREADS_ENV, default_threads
+    from imgclf.runtime.onnxrt import THREADS_ENV, default_threads
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
     assert default_threads() == max(1, min(4, os.cpu_count() or 1))
@@ -353,8 +353,8 @@ def test_ort_threads_default_and_override(monkeypatch):
 
 @pytest.mark.parametrize("name", ["smallervggnet", "minivgg"])
 def test_fold_batchnorm_forward_is_exact(name: str) -> None:
-    from imgclf.models import create_model
-    from imgclf.quantize import fold_batchnorm_forward
+    from imgclf.exporters.int8 import fold_batchnorm_forward
+    from imgclf.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(name, 5, in_channels=3, img_size=32).eval()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.imageio import ImageDecodeError, open_image
+from imgclf.core.imageio import ImageDecodeError, open_image
 
 # PIL warns about the corrupt files it still reads; pytest would show each one.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")

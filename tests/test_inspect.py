@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from imgclf import cli
-from imgclf import data as D
-from imgclf.config import TrainConfig
-from imgclf.inspect import NEAR_THRESHOLD, dedup_for_training, inspect_source
+from imgclf.analysis.doctor import inspect_source
+from imgclf.data import sources as D
+from imgclf.data.dedup import NEAR_THRESHOLD, dedup_for_training
+from imgclf.training.config import TrainConfig
 
 
 def _png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
@@ -181,7 +182,7 @@ def test_dedup_for_training_drops_bad_and_groups_copies(planted: Path) -> None:
 
 
 def test_training_with_dedup_group_keeps_groups_in_one_split(tmp_path: Path, small_sign_folder) -> None:
-    from imgclf.train import train
+    from imgclf.training.trainer import train
 
     root = small_sign_folder(tmp_path / "ds", per_class=10, classes=("0", "1"))
     planted_groups = []
@@ -228,7 +229,7 @@ def test_class_weights_auto_weights_loss_by_inverse_frequency(
 ) -> None:
     import torch.nn.functional as F
 
-    from imgclf import train as T
+    from imgclf.training import trainer as T
 
     root = small_sign_folder(tmp_path / "ds", per_class=12, classes=("0", "1"))
     for f in _files(root, "1")[4:]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgclf.models import (
+from imgclf.models.registry import (
     UnknownModelError,
     count_parameters,
     create_model,

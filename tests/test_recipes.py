@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.config import ConfigError, TrainConfig
-from imgclf.recipes import config_from, dataset_key, recipe_values
+from imgclf.training.config import ConfigError, TrainConfig
+from imgclf.training.recipes import config_from, dataset_key, recipe_values
 
 # ----------------------------------------------------------------------------- recipes
 
@@ -80,8 +80,8 @@ def test_cli_unknown_recipe_is_one_line(capsys: pytest.CaptureFixture[str], tmp_
 def test_init_weights_loads_matching_layers_and_replaces_head(mnist_bundle: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from imgclf.models import create_model
-    from imgclf.transfer import load_init_weights
+    from imgclf.models.registry import create_model
+    from imgclf.training.transfer import load_init_weights
 
     src = load_file(str(mnist_bundle / "model.safetensors"))
     torch.manual_seed(1)
@@ -104,9 +104,9 @@ def test_init_weights_loads_matching_layers_and_replaces_head(mnist_bundle: Path
 
 
 def test_init_weights_adapts_grey_first_conv_to_rgb(mnist_bundle: Path) -> None:
-    from imgclf.bundle import load_bundle
-    from imgclf.models import create_model
-    from imgclf.transfer import load_init_weights
+    from imgclf.models.registry import create_model
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.training.transfer import load_init_weights
 
     grey = load_bundle(mnist_bundle).model.float().eval()
     rgb = create_model("lenet", num_classes=10, in_channels=3, img_size=28).eval()
@@ -121,8 +121,8 @@ def test_init_weights_adapts_grey_first_conv_to_rgb(mnist_bundle: Path) -> None:
 def test_init_weights_errors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from imgclf.models import create_model
-    from imgclf.transfer import TransferError, load_init_weights
+    from imgclf.models.registry import create_model
+    from imgclf.training.transfer import TransferError, load_init_weights
 
     lenet = create_model("lenet", num_classes=10, in_channels=1, img_size=28)
     with pytest.raises(ConfigError, match="no such file"):
@@ -141,7 +141,7 @@ def test_train_with_init_weights_starts_from_them(mnist_bundle: Path, tmp_path: 
     """Through the real training loop: with a negligible lr the trained conv1 is the source's."""
     from safetensors.torch import load_file
 
-    from imgclf.train import train
+    from imgclf.training.trainer import train
 
     cfg = config_from(
         {
@@ -176,7 +176,7 @@ def test_init_weights_missing_file_fails_before_training(
 
 
 def test_pretrained_needs_a_timm_model() -> None:
-    from imgclf.transfer import check_config
+    from imgclf.training.transfer import check_config
 
     with pytest.raises(ConfigError, match="--pretrained works with --model timm"):
         check_config(TrainConfig(model="lenet", pretrained=True))
@@ -196,7 +196,7 @@ def test_timm_model_without_timm_says_how_to_install(tmp_path: Path, capsys: pyt
 
 @pytest.fixture(scope="module")
 def mnist_test_batch(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    from imgclf import data as D
+    from imgclf.data import sources as D
 
     index = D.index_source("mnist")
     idx = np.flatnonzero(index.split == "test")[:200]
@@ -204,8 +204,8 @@ def mnist_test_batch(mnist_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_tta_probabilities_and_identity_set(mnist_bundle: Path, mnist_test_batch) -> None:
-    from imgclf.bundle import load_bundle
-    from imgclf.tta import auto_views, predict_tta
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.tta import auto_views, predict_tta
 
     b = load_bundle(mnist_bundle)
     x, y = mnist_test_batch
@@ -226,7 +226,7 @@ def test_tta_probabilities_and_identity_set(mnist_bundle: Path, mnist_test_batch
 def test_tta_auto_views_follow_training_augmentation() -> None:
     from types import SimpleNamespace
 
-    from imgclf.tta import auto_views
+    from imgclf.runtime.tta import auto_views
 
     def views(**tc: object) -> str:
         return auto_views(SimpleNamespace(meta={"train_config": tc}))
@@ -238,7 +238,7 @@ def test_tta_auto_views_follow_training_augmentation() -> None:
 
 
 def test_tta_shift_and_flip_views_move_pixels() -> None:
-    from imgclf.tta import _hflip, _shift, views_for
+    from imgclf.runtime.tta import _hflip, _shift, views_for
 
     x = np.zeros((1, 5, 5, 1), np.uint8)
     x[0, 2, 1, 0] = 255
@@ -257,9 +257,9 @@ def test_evaluate_and_predict_tta_average_the_named_views(
     import subprocess
     import sys
 
-    from imgclf.bundle import load_bundle
-    from imgclf.evaluate import evaluate
-    from imgclf.tta import _hflip
+    from imgclf.analysis.evaluate import evaluate
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.tta import _hflip
 
     b = load_bundle(sign_bundle)
     plain = evaluate(b, str(sign_dir), limit=40, progress=False)
@@ -297,7 +297,7 @@ def test_evaluate_and_predict_tta_average_the_named_views(
 
 
 def test_tutorial_recipe_fashion_minivgg_is_the_tutorials_net_and_optimizer() -> None:
-    from imgclf.train import make_optimizer
+    from imgclf.training.trainer import make_optimizer
 
     cfg = config_from({"data": "fashion-mnist", "model": "minivgg", "recipe": "tutorial"})
     assert cfg.model_args == {"blocks": 2}
@@ -318,8 +318,8 @@ def test_tutorial_recipe_fashion_minivgg_is_the_tutorials_net_and_optimizer() ->
 
 
 def test_tutorial_recipe_cats_vs_dogs_trains_a_one_logit_simplecnn(sign_dir: Path, tmp_path: Path) -> None:
-    from imgclf.bundle import load_bundle
-    from imgclf.train import train
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.training.trainer import train
 
     # Two real photo classes stand in for cats and dogs.
     data = tmp_path / "pets"
@@ -349,8 +349,8 @@ def test_tutorial_recipe_cats_vs_dogs_trains_a_one_logit_simplecnn(sign_dir: Pat
 
 
 def test_cli_model_args_reach_the_bundle(tmp_path: Path) -> None:
-    from imgclf.bundle import load_bundle
     from imgclf.cli import main
+    from imgclf.runtime.bundle import load_bundle
 
     out = tmp_path / "r"
     rc = main(["train", "--data", "digits", "--model", "minivgg", "--model-args", "blocks=2", "width=8",

@@ -24,8 +24,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from imgclf import cli
-from imgclf.bundle import load_bundle
-from imgclf.serve import Batcher, create_app, serve_in_thread
+from imgclf.runtime.bundle import load_bundle
+from imgclf.serving.app import Batcher, create_app, serve_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,7 @@ def test_shutdown_drains_queued_requests(bundle, sign_dir):
 def test_batcher_close_drains_and_refuses_new_work():
     from concurrent.futures import ThreadPoolExecutor
 
-    from imgclf.serve import ShuttingDown
+    from imgclf.serving.app import ShuttingDown
 
     sizes: list[int] = []
 
@@ -351,8 +351,8 @@ def test_cli_serve_bad_bundle_is_one_line(tmp_path, capsys):
 
 
 def test_cli_defaults_match_library():
-    from imgclf import serve
     from imgclf.commands import serve as cmd
+    from imgclf.serving import app as serve
 
     for name in ("DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGES", "DEFAULT_MAX_QUEUE"):
         assert getattr(cmd, name) == getattr(serve, name), name

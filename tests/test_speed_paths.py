@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf import data as D
-from imgclf.augment import Augment
-from imgclf.config import TrainConfig
-from imgclf.preprocess import Preprocess
+from imgclf.core.preprocess import Preprocess
+from imgclf.data import sources as D
+from imgclf.data.augment import Augment
+from imgclf.training.config import TrainConfig
 
-# the module, not the `imgclf.train` function the package re-exports
-T = importlib.import_module("imgclf.train")
+# the module, not the `imgclf.training.trainer` function the package re-exports
+T = importlib.import_module("imgclf.training.trainer")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_prefetch_thread_is_joined_and_leaves_main_threads(sign_arrays) -> None:
 
 
 def test_fused_optimizer_matches_reference_update(mnist_dir: Path) -> None:
-    from imgclf.models import create_model
+    from imgclf.models.registry import create_model
 
     idx = D.index_source("mnist")
     x = torch.from_numpy(idx.arrays[:64]).float().div(255).unsqueeze(1)
@@ -129,7 +129,7 @@ def test_training_with_and_without_prefetch_is_identical(
 def test_fused_optimizer_resumes_exactly_with_channels_last(tmp_path: Path, mnist_dir: Path) -> None:
     # torch's fused kernel assumes state has the parameter's strides; a checkpoint loads it
     # contiguous, so without the layout fix in load_checkpoint the next step pairs wrong elements.
-    from imgclf.models import create_model
+    from imgclf.models.registry import create_model
 
     idx = D.index_source("mnist")
     x = (

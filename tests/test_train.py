@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from imgclf.config import ConfigError, TrainConfig
-from imgclf.recipes import config_from
-from imgclf.train import TrainingError, resume, train
+from imgclf.training.config import ConfigError, TrainConfig
+from imgclf.training.recipes import config_from
+from imgclf.training.trainer import TrainingError, resume, train
 
 
 def _digits(tmp_path: Path, name: str, **kw) -> TrainConfig:
@@ -144,7 +144,7 @@ def test_corrupt_file_is_skipped_with_report(tmp_path: Path, small_sign_folder) 
 
 
 def test_augmentation_changes_images_but_keeps_shape() -> None:
-    from imgclf.augment import Augment
+    from imgclf.data.augment import Augment
 
     x = torch.rand(8, 3, 24, 24) * 255
     aug = Augment()
@@ -163,7 +163,7 @@ def test_augmentation_changes_images_but_keeps_shape() -> None:
 
 
 def test_random_erasing_fills_one_box_per_image_and_replays() -> None:
-    from imgclf.augment import Augment
+    from imgclf.data.augment import Augment
 
     x = torch.full((16, 3, 32, 40), 100.0)
     aug = Augment(rotation=0, shift=0, shear=0, zoom=0, flip=False, erase=0.5)
@@ -185,7 +185,7 @@ def test_random_erasing_fills_one_box_per_image_and_replays() -> None:
 
 
 def test_device_option_is_checked_before_training() -> None:
-    from imgclf.train import resolve_device
+    from imgclf.training.trainer import resolve_device
 
     with pytest.raises(ConfigError, match="device"):
         TrainConfig(device="gpu0").validate()
@@ -245,9 +245,9 @@ def test_bf16_precision_trains_and_saves_float32_weights(tmp_path: Path) -> None
 
 
 def test_precision_auto_is_bf16_only_on_cpus_with_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    import imgclf.train as T
-    from imgclf import data as D
-    from imgclf.recipes import config_from
+    from imgclf.data import sources as D
+    from imgclf.training import trainer as T
+    from imgclf.training.recipes import config_from
 
     index = D.index_source("digits")
     for native, expected in ((True, "bf16"), (False, "fp32")):

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from imgclf import visualize as V
-from imgclf.bundle import load_bundle
+from imgclf.analysis import visualize as V
+from imgclf.analysis.gallery import annotation_lines
 from imgclf.cli import main
-from imgclf.data import index_source
-from imgclf.predict import annotation_lines, predict_files
+from imgclf.data.sources import index_source
+from imgclf.runtime.bundle import load_bundle
+from imgclf.runtime.predict import judge_from_filename, predict_files
 
 
 @pytest.fixture(autouse=True)
@@ -32,17 +33,17 @@ def _size(png: bytes) -> tuple[int, int]:
 
 def test_judge_from_filename() -> None:
     poke = ["bulbasaur", "charmander", "pikachu"]
-    assert V.judge_from_filename("ex/charmander_counter.png", poke, "charmander") == "correct"
-    assert V.judge_from_filename("ex/charmander_counter.png", poke, "pikachu") == "incorrect"
-    assert V.judge_from_filename("ex/my_photo.png", poke, "pikachu") is None
-    assert V.judge_from_filename("ex/pikachu_vs_bulbasaur.png", poke, "pikachu") is None  # ambiguous
+    assert judge_from_filename("ex/charmander_counter.png", poke, "charmander") == "correct"
+    assert judge_from_filename("ex/charmander_counter.png", poke, "pikachu") == "incorrect"
+    assert judge_from_filename("ex/my_photo.png", poke, "pikachu") is None
+    assert judge_from_filename("ex/pikachu_vs_bulbasaur.png", poke, "pikachu") is None  # ambiguous
     digits = [str(i) for i in range(10)]
-    assert V.judge_from_filename("IMG_1118.JPG", digits, "1") is None  # digits inside a number don't count
-    assert V.judge_from_filename("3_hand.jpg", digits, "3") == "correct"
-    assert V.judge_from_filename("hand-3.jpg", digits, "5") == "incorrect"
-    assert V.judge_from_filename("digit_1.png", digits, "2") == "incorrect"  # "1" is a whole token
+    assert judge_from_filename("IMG_1118.JPG", digits, "1") is None  # digits inside a number don't count
+    assert judge_from_filename("3_hand.jpg", digits, "3") == "correct"
+    assert judge_from_filename("hand-3.jpg", digits, "5") == "incorrect"
+    assert judge_from_filename("digit_1.png", digits, "2") == "incorrect"  # "1" is a whole token
     fashion = ["T-shirt/top", "Shirt", "Sneaker"]
-    assert V.judge_from_filename("shirt_01.png", fashion, "Shirt") == "correct"
+    assert judge_from_filename("shirt_01.png", fashion, "Shirt") == "correct"
     assert V.annotation_text("cat", 0.85421, "correct") == "cat: 85.42% (correct)"
     assert V.annotation_text("cat", 1.0) == "cat: 100.00%"
 

@@ -7,7 +7,7 @@ import argparse
 
 def add_tta_argument(p: argparse.ArgumentParser) -> None:
     """``--tta [SET]``, shared by ``predict`` and ``evaluate``."""
-    from ..tta import VIEW_SETS
+    from imgclf.runtime.tta import VIEW_SETS
 
     p.add_argument(
         "--tta",

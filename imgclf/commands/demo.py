@@ -27,11 +27,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..bundle import load_bundle
-    from ..data import index_source
-    from ..predict import predict_files
-    from ..recipes import config_from
-    from ..train import train
+    from imgclf.data.sources import index_source
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.predict import predict_files
+    from imgclf.training.recipes import config_from
+    from imgclf.training.trainer import train
 
     out = Path(args.out)
     if (out / "model" / "model.json").exists():
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("[2/3] evaluating on the held-out test split")
     try:
-        from ..evaluate import evaluate
+        from imgclf.analysis.evaluate import evaluate
 
         ev = evaluate(bundle, "digits", split="test", out=out / "eval", progress=False)
         acc = ev.metrics["accuracy"]

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import add_tta_argument
+from imgclf.commands import add_tta_argument
 
 NAME = "evaluate"
 HELP = "measure a bundle on a dataset: metrics, confusion matrix, report.html"
@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import load_bundle
-    from ..evaluate import evaluate
+    from imgclf.analysis.evaluate import evaluate
+    from imgclf.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
     res = evaluate(

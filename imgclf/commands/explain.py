@@ -34,10 +34,10 @@ def _safe(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..bundle import load_bundle
-    from ..explain import UnknownClassError, class_index_of, explain_file
-    from ..imageio import ImageDecodeError
-    from ..predict import expand_paths
+    from imgclf.analysis.explain import UnknownClassError, class_index_of, explain_file
+    from imgclf.core.imageio import ImageDecodeError
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.predict import expand_paths
 
     if not 0.0 <= args.alpha <= 1.0:
         print("imgclf explain: error: --alpha must be between 0 and 1", file=sys.stderr)

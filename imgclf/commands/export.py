@@ -23,7 +23,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..export import FORMATS
+    from imgclf.exporters.formats import FORMATS
 
     p.add_argument("bundle", help="bundle folder (a run's model/ folder, or the run folder)")
     p.add_argument("--format", "-f", choices=FORMATS, default="onnx", help="what to export to")
@@ -61,8 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import load_bundle
-    from ..export import export, images_for_check
+    from imgclf.exporters.formats import export, images_for_check
+    from imgclf.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle, backend="torch")
     images = images_for_check(bundle, args.check) if args.check else None

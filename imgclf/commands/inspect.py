@@ -31,8 +31,9 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..imageio import DEFAULT_MAX_PIXELS
-    from ..inspect import HUGE_PIXELS, MIN_SIDE, NEAR_THRESHOLD
+    from imgclf.analysis.doctor import HUGE_PIXELS, MIN_SIDE
+    from imgclf.core.imageio import DEFAULT_MAX_PIXELS
+    from imgclf.data.dedup import NEAR_THRESHOLD
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
@@ -90,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inspect import inspect_source, summary_text, write_html
+    from imgclf.analysis.doctor import inspect_source, summary_text, write_html
 
     progress = not args.no_progress and sys.stderr.isatty()
     report, index, _ = inspect_source(

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import count_parameters, create_model, get_spec, list_models
+    from imgclf.models.registry import count_parameters, create_model, get_spec, list_models
 
     print(f"{'name':<20}{'input':>12}{'params':>14}  description")
     for name in list_models():

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import add_tta_argument
+from imgclf.commands import add_tta_argument
 
 NAME = "predict"
 HELP = "classify image files, folders or globs with a bundle"
@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import load_bundle
-    from ..predict import expand_paths, predict_files
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.predict import expand_paths, predict_files
 
     if args.gallery is not None and (not args.data or args.gallery < 1):
         print("imgclf predict: error: --gallery N needs N >= 1 and --data SOURCE", file=sys.stderr)
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gallery is not None:
         from pathlib import Path
 
-        from ..predict import gallery
+        from imgclf.analysis.gallery import gallery
 
         png, correct, shown = gallery(bundle, args.data, args.gallery, seed=args.seed)
         Path(args.gallery_out).parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"imgclf predict: {r.error}", file=sys.stderr)
             continue
         if args.annotate:
-            from ..predict import write_annotated
+            from imgclf.analysis.gallery import write_annotated
 
             write_annotated(bundle, r, args.annotate, extra=0 if args.top_k is None else top_k - 1)
         if args.json:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{r.path}: {r.label}: {r.probability * 100:.2f}%", flush=True)
     if args.csv:
-        from ..predict import write_csv
+        from imgclf.runtime.predict import write_csv
 
         write_csv(results, args.csv, bundle.classes, top_k)
     return 1 if failed else 0

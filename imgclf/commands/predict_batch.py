@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch_predict import predict_batch
-    from ..data import DataError
+    from imgclf.data.sources import DataError
+    from imgclf.serving.batch import predict_batch
 
     if args.workers is not None and args.workers < 1:
         raise DataError("--workers must be >= 1 (or leave it out to predict in this process)")

@@ -19,7 +19,7 @@ DESCRIPTION = (
 )
 
 
-# Same values as imgclf.serve's defaults (a test checks); repeated here so that `imgclf --help`
+# Same values as imgclf.serving.app's defaults (a test checks); repeated here so that `imgclf --help`
 # does not import FastAPI.
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -104,9 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..bundle import load_bundle
-    from ..onnxrt import THREADS_ENV
-    from ..serve import ENV_CONFIG, create_app
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.onnxrt import THREADS_ENV
+    from imgclf.serving.app import ENV_CONFIG, create_app
 
     for flag, value, low in (
         ("--max-batch", args.max_batch, 1),
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             print("imgclf serve: error: --replicas must be >= 1", file=sys.stderr)
             return 2
         try:
-            from ..ray_serve import run_blocking
+            from imgclf.serving.ray_serve import run_blocking
         except ImportError as e:
             print(f"imgclf serve: error: --ray needs Ray ({e}): pip install 'imgclf[ray]'", file=sys.stderr)
             return 2
@@ -186,5 +186,5 @@ def run(args: argparse.Namespace) -> int:
         f"imgclf serve: http://{args.host}:{args.port}/ with {args.workers} workers (each loads the model)",
         file=sys.stderr,
     )
-    uvicorn.run("imgclf.serve:app_from_env", factory=True, workers=args.workers, **common)
+    uvicorn.run("imgclf.serving.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

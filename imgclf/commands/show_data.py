@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .. import visualize as V
-    from ..data import DataError, index_source
+    from imgclf.analysis import visualize as V
+    from imgclf.data.sources import DataError, index_source
 
     if args.per_class < 1 or args.random < 0:
         raise DataError("--per-class must be >= 1 and --random >= 0")

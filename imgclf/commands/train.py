@@ -10,8 +10,8 @@ import types
 import typing
 from typing import Any
 
-from ..config import HELP as KEY_HELP
-from ..config import TrainConfig
+from imgclf.training.config import HELP as KEY_HELP
+from imgclf.training.config import TrainConfig
 
 NAME = "train"
 HELP = "train a model on a folder or built-in dataset into a bundle"
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         tp = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.name == "recipe":
-            from ..recipes import DEFAULT_RECIPE
+            from imgclf.training.recipes import DEFAULT_RECIPE
 
             default = DEFAULT_RECIPE
         h = f"{KEY_HELP[f.name]} (default: {default})".replace("%", "%%")
@@ -88,8 +88,8 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipes import config_from
-    from ..train import resume, train
+    from imgclf.training.recipes import config_from
+    from imgclf.training.trainer import resume, train
 
     progress = False if args.no_progress else None
     given = given_options(args)

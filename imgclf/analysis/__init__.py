@@ -1,0 +1,1 @@
+"""Layer 3: evaluation, the report, plots, Grad-CAM and the dataset doctor."""

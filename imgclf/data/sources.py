@@ -1,0 +1,493 @@
+"""Data sources (folder, IDX, scikit-learn digits), decoding with an on-disk cache, splits.
+
+Flow: :func:`index_source` lists items and labels without decoding; :func:`decode_items`
+turns them into uint8 arrays at the model's size (cached by file content);
+:func:`split_indices` makes stratified, seeded, optionally group-aware splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.core.errors import DataError
+from imgclf.core.imageio import ImageDecodeError, is_candidate_file
+from imgclf.core.preprocess import Preprocess, load_uint8
+
+log = logging.getLogger("imgclf")
+
+BUILTINS = ("mnist", "fashion-mnist", "digits")
+
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+# Published MD5s of the *uncompressed* IDX files (independent of gzip settings).
+IDX_MD5 = {
+    "mnist": {
+        "train_images": "6bbc9ace898e44ae57da46a324031adb",
+        "train_labels": "a25bea736e30d166cdddb491f175f624",
+        "test_images": "2646ac647ad5339dbf082846283269ea",
+        "test_labels": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "fashion-mnist": {
+        "train_images": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train_labels": "9018921c3c673c538a1fc5bad174d6f9",
+        "test_images": "8181f5470baa50b63fa0f6fddb340f0a",
+        "test_labels": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+
+IDX_URLS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+
+SPLIT_DIR_NAMES = {
+    "train": ("train", "training", "training_set", "train_set"),
+    "val": ("val", "valid", "validation", "validation_set", "val_set"),
+    "test": ("test", "testing", "test_set"),
+}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """$IMGCLF_CACHE_DIR, else ~/.cache/imgclf (XDG_CACHE_HOME respected)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("IMGCLF_CACHE_DIR"):
+        return Path(os.environ["IMGCLF_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgclf"
+
+
+@dataclass
+class SourceIndex:
+    """Items of a source, listed but not decoded.
+
+    ``items`` are file paths (folder sources) or ``name:split:i`` ids (built-ins, whose
+    pixels are in ``arrays``). ``split`` holds a predefined split per item, or "" if none.
+    """
+
+    name: str
+    kind: str  # folder | idx | digits
+    classes: list[str]
+    items: list[str]
+    labels: np.ndarray
+    split: np.ndarray
+    native_channels: int
+    root: str = ""
+    arrays: np.ndarray | None = None  # built-ins: uint8 (N, H, W)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_predefined_split(self) -> bool:
+        return bool((self.split != "").any())
+
+    def relpath(self, item: str) -> str:
+        if self.kind == "folder" and self.root:
+            try:
+                return os.path.relpath(item, self.root)
+            except ValueError:
+                return item
+        return item
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_split_dirs(root: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    for split, names in SPLIT_DIR_NAMES.items():
+        for n in names:
+            if n in children:
+                found[split] = children[n]
+                break
+    return found
+
+
+def _list_class_files(class_dir: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            if is_candidate_file(p):
+                out.append(p)
+    return out
+
+
+def index_folder(root: str | Path) -> SourceIndex:
+    """List ``root/{class}/*`` or ``root/{train,val,test}/{class}/*``; classes sorted by name."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root}: no such folder. Give a folder of class folders or one of {BUILTINS}.")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder. Expected the layout {root}/<class>/<image>.")
+    splits = _find_split_dirs(root)
+    if "train" in splits:
+        parts = {s: _class_dirs(d) for s, d in splits.items()}
+    else:
+        parts = {"": _class_dirs(root)}
+    classes = sorted({d.name for dirs in parts.values() for d in dirs})
+    if not classes:
+        raise DataError(
+            f"{root}: no class folders found. Expected {root}/<class>/<image> "
+            f"(e.g. {root}/cat/001.jpg) or {root}/train/<class>/<image>."
+        )
+    cidx = {c: i for i, c in enumerate(classes)}
+    items, labels, split = [], [], []
+    for s, dirs in parts.items():
+        for d in dirs:
+            for f in _list_class_files(d):
+                items.append(str(f))
+                labels.append(cidx[d.name])
+                split.append(s)
+    if not items:
+        raise DataError(f"{root}: class folders {classes} contain no files.")
+    if len(classes) < 2:
+        raise DataError(f"{root}: found one class ({classes[0]}); a classifier needs at least two.")
+    return SourceIndex(
+        name=str(root),
+        kind="folder",
+        classes=classes,
+        items=items,
+        labels=np.asarray(labels, dtype=np.int64),
+        split=np.asarray(split, dtype=object),
+        native_channels=3,
+        root=str(root),
+    )
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def read_idx(data: bytes) -> np.ndarray:
+    """Parse an uncompressed IDX file (ubyte only, as MNIST uses)."""
+    if len(data) < 4:
+        raise DataError("IDX file too short")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError("not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"IDX size mismatch: header says {dims}, found {arr.size} values")
+    return arr.reshape(dims)
+
+
+def _idx_search_dirs(name: str, cache_dir: str | None) -> list[Path]:
+    dirs = []
+    if os.environ.get("IMGCLF_DATA_DIR"):
+        dirs.append(Path(os.environ["IMGCLF_DATA_DIR"]) / name)
+    dirs.append(cache_root(cache_dir) / "datasets" / name)
+    dirs.append(Path("/usr/share/datasets") / name)
+    return dirs
+
+
+def _download(url: str, dest: Path, md5: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            blob = r.read()
+    except OSError as e:
+        raise DataError(
+            f"could not download {url} ({e}). Put the IDX .gz files in "
+            f"$IMGCLF_DATA_DIR/<name>/ or {dest.parent} and try again."
+        ) from e
+    if hashlib.md5(gzip.decompress(blob)).hexdigest() != md5:
+        raise DataError(f"checksum mismatch for {url}: download corrupted; try again")
+    tmp = dest.with_suffix(".part")
+    tmp.write_bytes(blob)
+    os.replace(tmp, dest)
+
+
+def _load_idx_dir(d: Path, name: str | None, verify: bool) -> dict[str, np.ndarray]:
+    out = {}
+    for key, fn in IDX_FILES.items():
+        p = d / fn
+        if not p.exists() and (d / fn[:-3]).exists():
+            raw = (d / fn[:-3]).read_bytes()
+        else:
+            try:
+                raw = gzip.decompress(p.read_bytes())
+            except (OSError, EOFError) as e:
+                raise DataError(f"{p}: cannot read gzip ({e}); delete it to re-fetch") from e
+        if verify and name in IDX_MD5 and hashlib.md5(raw).hexdigest() != IDX_MD5[name][key]:
+            raise DataError(f"{p}: checksum mismatch with the published {name} file; delete it to re-fetch")
+        out[key] = read_idx(raw)
+    return out
+
+
+def _has_idx(d: Path) -> bool:
+    return all((d / fn).exists() or (d / fn[:-3]).exists() for fn in IDX_FILES.values())
+
+
+def index_idx(name_or_dir: str, cache_dir: str | None = None, download: bool = True) -> SourceIndex:
+    """MNIST / Fashion-MNIST (by name) or any folder holding the four IDX files."""
+    p = Path(name_or_dir)
+    if name_or_dir in IDX_MD5:
+        name = name_or_dir
+        found = next((d for d in _idx_search_dirs(name, cache_dir) if _has_idx(d)), None)
+        if found is None:
+            if not download:
+                raise DataError(f"{name} not found in {[str(d) for d in _idx_search_dirs(name, cache_dir)]}")
+            found = cache_root(cache_dir) / "datasets" / name
+            for key, fn in IDX_FILES.items():
+                if not (found / fn).exists():
+                    _download(IDX_URLS[name] + fn, found / fn, IDX_MD5[name][key])
+        arrays = _load_idx_dir(found, name, verify=True)
+    else:
+        name, found = p.name, p
+        arrays = _load_idx_dir(p, None, verify=False)
+    if name == "fashion-mnist" or "fashion" in name.lower():
+        classes = list(FASHION_CLASSES)
+    else:
+        classes = [str(i) for i in range(int(arrays["train_labels"].max()) + 1)]
+    imgs = np.concatenate([arrays["train_images"], arrays["test_images"]])
+    labels = np.concatenate([arrays["train_labels"], arrays["test_labels"]]).astype(np.int64)
+    ntr, nte = len(arrays["train_labels"]), len(arrays["test_labels"])
+    items = [f"{name}:train:{i}" for i in range(ntr)] + [f"{name}:test:{i}" for i in range(nte)]
+    split = np.asarray(["train"] * ntr + ["test"] * nte, dtype=object)
+    return SourceIndex(name, "idx", classes, items, labels, split, 1, str(found), arrays=imgs)
+
+
+def index_digits() -> SourceIndex:
+    """scikit-learn's bundled 8x8 digits (1,797 images), scaled to 0-255; works offline."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    n = len(imgs)
+    return SourceIndex(
+        "digits",
+        "digits",
+        [str(i) for i in range(10)],
+        [f"digits:{i}" for i in range(n)],
+        d.target.astype(np.int64),
+        np.asarray([""] * n, dtype=object),
+        1,
+        arrays=imgs,
+    )
+
+
+def index_source(spec: str, cache_dir: str | None = None) -> SourceIndex:
+    """Resolve a ``--data`` value: a built-in name, an IDX folder, or an image folder."""
+    if spec == "digits":
+        return index_digits()
+    if spec in IDX_MD5:
+        return index_idx(spec, cache_dir)
+    p = Path(spec)
+    if p.is_dir() and _has_idx(p):
+        return index_idx(spec, cache_dir)
+    if not p.exists():
+        raise DataError(
+            f"--data {spec!r}: not a folder and not a built-in dataset. "
+            f"Built-ins: {', '.join(BUILTINS)}; or a folder laid out as <folder>/<class>/<image>."
+        )
+    return index_folder(p)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Decoded:
+    """Decoded uint8 images for a subset of a source."""
+
+    images: np.ndarray  # (N, H, W, C) uint8
+    labels: np.ndarray  # (N,) int64
+    items: list[str]  # item ids / paths, aligned with images
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+
+
+class DecodeCache:
+    """uint8 arrays on disk keyed by file content and target size, stored as .npy (no pickle)."""
+
+    def __init__(self, root: Path, pre: Preprocess) -> None:
+        self.dir = root / "decoded" / pre.cache_key()
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        p = self._path(key)
+        if not p.exists():
+            return None
+        try:
+            return np.load(p, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # a damaged cache entry is re-decoded
+
+    def put(self, key: str, arr: np.ndarray) -> None:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, p)
+
+
+def decode_items(
+    index: SourceIndex,
+    idx: np.ndarray,
+    pre: Preprocess,
+    *,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    workers: int = 2,
+    max_pixels: int | None = None,
+    progress: bool = True,
+    desc: str = "decode",
+) -> Decoded:
+    """Decode items ``idx`` of ``index`` at ``pre``'s size; unreadable files are reported, not fatal."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    idx = np.asarray(idx, dtype=np.int64)
+    h, w = pre.size
+    out = np.empty((len(idx), h, w, pre.channels), dtype=np.uint8)
+    ok = np.ones(len(idx), dtype=bool)
+    failed: list[tuple[str, str]] = []
+
+    if index.arrays is not None:
+        src = index.arrays
+        if src.shape[1:3] == (h, w) and pre.channels == 1:
+            out[:, :, :, 0] = src[idx]
+        else:
+            for j, i in enumerate(tqdm(idx, desc=desc, disable=not progress, leave=False)):
+                out[j] = load_uint8(Image.fromarray(src[i]), pre)
+        return Decoded(out, index.labels[idx], [index.items[i] for i in idx])
+
+    cache = DecodeCache(cache_root(cache_dir), pre) if use_cache else None
+    mp = max_pixels if max_pixels is not None else 100_000_000
+
+    def work(j: int) -> tuple[int, np.ndarray | None, str]:
+        path = index.items[idx[j]]
+        try:
+            blob = Path(path).read_bytes()
+        except OSError as e:
+            return j, None, f"cannot read file ({e})"
+        key = content_hash(blob) if cache else ""
+        if cache:
+            arr = cache.get(key)
+            if arr is not None and arr.shape == (h, w, pre.channels):
+                return j, arr, ""
+        try:
+            arr = load_uint8(blob, pre, max_pixels=mp, name=path)
+        except ImageDecodeError as e:
+            return j, None, e.reason + (f" ({e.detail})" if e.detail else "")
+        if cache:
+            try:
+                cache.put(key, arr)
+            except OSError as e:  # a read-only cache must not stop training
+                log.debug("cache write failed: %s", e)
+        return j, arr, ""
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        it = ex.map(work, range(len(idx)))
+        for j, arr, err in tqdm(it, total=len(idx), desc=desc, disable=not progress, leave=False):
+            if arr is None:
+                ok[j] = False
+                failed.append((index.items[idx[j]], err))
+            else:
+                out[j] = arr
+    keep = np.flatnonzero(ok)
+    return Decoded(
+        out[keep] if len(keep) < len(idx) else out,
+        index.labels[idx[keep]],
+        [index.items[idx[k]] for k in keep],
+        failed,
+    )
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_indices(
+    labels: np.ndarray,
+    fractions: dict[str, float],
+    seed: int = 42,
+    groups: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Stratified, seeded split of ``range(len(labels))`` into ``train`` plus ``fractions`` keys.
+
+    With ``groups`` (one id per item; equal ids = near-duplicates), every group lands
+    wholly in one split; a group is stratified by its first member's label.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        groups = np.arange(n)
+    groups = np.asarray(groups)
+    # unique groups in first-appearance order, each with its members
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(inverse):
+        members.setdefault(int(g), []).append(i)
+    out: dict[str, list[int]] = {k: [] for k in ["train", *fractions]}
+    for c in np.unique(labels):
+        cgroups = [g for g in range(len(first)) if labels[first[g]] == c]
+        cgroups = [cgroups[i] for i in rng.permutation(len(cgroups))]
+        total = sum(len(members[g]) for g in cgroups)
+        pos = 0
+        taken = 0
+        for name, frac in fractions.items():
+            want = int(round(total * frac))
+            if frac > 0 and want == 0 and total - taken > 1:
+                want = 1  # every class appears in every requested split when possible
+            got = 0
+            while pos < len(cgroups) and got < want and total - taken - len(members[cgroups[pos]]) >= 1:
+                out[name].extend(members[cgroups[pos]])
+                got += len(members[cgroups[pos]])
+                taken += len(members[cgroups[pos]])
+                pos += 1
+        for g in cgroups[pos:]:
+            out["train"].extend(members[g])
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int = 42) -> np.ndarray:
+    """Indices (into ``labels``) of a stratified random subset of size about ``n``."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    frac = n / len(labels)
+    parts = split_indices(labels, {"keep": frac}, seed)
+    return parts["keep"]

@@ -1,0 +1,1 @@
+"""Layer 1: the model registry and the architectures."""

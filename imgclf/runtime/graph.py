@@ -1,0 +1,191 @@
+"""The inference graph of a bundle: uint8 NHWC pixels in, probabilities out, metadata attached.
+
+The ONNX Runtime engine (:mod:`imgclf.runtime.bundle`) runs this graph and every exporter
+(:mod:`imgclf.exporters.formats`) writes it, so preprocessing lives inside it exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgclf.core.errors import ExportError
+from imgclf.core.files import atomic_write_bytes
+from imgclf.core.preprocess import Preprocess, normalize
+from imgclf.core.version import __version__
+from imgclf.models.registry import logits_to_probs
+from imgclf.runtime.onnxrt import META_FORMAT, META_PREFIX
+
+# The bundle type lives above this module (it imports this one), so annotations name it as text.
+Bundle = Any
+
+
+OPSET = 17
+
+
+# Bump when the exported graph changes; part of the user-cache key for in-memory ORT sessions.
+EXPORT_VERSION = 1
+
+
+INPUT_NAME = "image"
+
+
+OUTPUT_NAME = "probabilities"
+
+
+class InferenceWrapper(nn.Module):
+    """uint8 NHWC image batch -> class probabilities, preprocessing included."""
+
+    def __init__(self, model: nn.Module, pre: Preprocess) -> None:
+        super().__init__()
+        self.model = model
+        self.pre = pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_to_probs(self.model(normalize(x, self.pre)))
+
+
+class ImageInputWrapper(InferenceWrapper):
+    """Core ML's ImageType hands the model float NCHW in 0-255; go back to NHWC and reuse normalize."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1))
+
+
+def inference_wrapper(bundle: Bundle, cls: type[InferenceWrapper] = InferenceWrapper) -> InferenceWrapper:
+    if bundle.model is None:
+        raise ExportError(
+            f"{bundle.path}: this model was loaded from an exported file; export from the bundle "
+            "folder (a run's model/ folder) instead"
+        )
+    # A contiguous NCHW copy (Module.to is in place, so copy first): channels_last buys
+    # nothing in a traced graph and some converters trip over the strides.
+    model = copy.deepcopy(bundle.model).to(memory_format=torch.contiguous_format)
+    return cls(model, bundle.pre).eval()
+
+
+def example_input(pre: Preprocess, n: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h, w = pre.size
+    return torch.randint(0, 256, (n, h, w, pre.channels), dtype=torch.uint8, generator=g)
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Tracing warns about the constant mean/std tensors and the static head-width check:
+    both are constants by design, so the warnings are noise for the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def bundle_metadata(bundle: Bundle, input_desc: dict[str, Any] | None = None) -> dict[str, str]:
+    """String metadata stored in every exported model (class names, input, preprocessing, hash)."""
+    h, w = bundle.pre.size
+
+    meta = {
+        META_PREFIX + "format": META_FORMAT,
+        META_PREFIX + "format_version": str(EXPORT_VERSION),
+        META_PREFIX + "classes": json.dumps(bundle.classes),
+        META_PREFIX + "input_size": f"{h}x{w}x{bundle.pre.channels}",
+        META_PREFIX + "input": json.dumps(
+            {
+                "name": INPUT_NAME,
+                "layout": "NHWC",
+                "dtype": "uint8",
+                "size": [h, w],
+                "channels": bundle.pre.channels,
+            }
+        ),
+        META_PREFIX + "output": json.dumps({"name": OUTPUT_NAME, "kind": "probabilities"}),
+        META_PREFIX + "preprocess": json.dumps(bundle.pre.to_dict()),
+        META_PREFIX + "architecture": json.dumps(bundle.meta.get("architecture", {})),
+        META_PREFIX + "bundle_sha256": bundle.sha256,
+        META_PREFIX + "version": __version__,
+    }
+    if input_desc is not None:
+        meta[META_PREFIX + "input"] = json.dumps(input_desc)
+    return meta
+
+
+def onnx_model_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
+    """The checked ONNX graph (uint8 NHWC in, probabilities out, dynamic batch) with metadata."""
+    import onnx
+
+    wrapper = inference_wrapper(bundle)
+    buf = io.BytesIO()
+    with quiet_tracing(), torch.inference_mode(False), torch.no_grad():
+        # The TorchScript-based exporter: the dynamo one needs onnxscript and gives the same
+        # graph for these plain CNNs.
+        torch.onnx.export(
+            wrapper,
+            (example_input(bundle.pre),),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buf.getvalue())
+    model.producer_name = "imgclf"
+    model.doc_string = (
+        f"imgclf classifier ({len(bundle.classes)} classes). Input '{INPUT_NAME}': uint8 "
+        f"[batch, {bundle.pre.size[0]}, {bundle.pre.size[1]}, {bundle.pre.channels}] (NHWC, "
+        f"{bundle.pre.color_mode}), already resized. Output '{OUTPUT_NAME}': float32 [batch, "
+        f"{len(bundle.classes)}]. Class names are in metadata 'imgclf.classes'."
+    )
+    onnx.helper.set_model_props(model, bundle_metadata(bundle))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{bundle.path}: exported ONNX graph failed onnx.checker: {e}") from e
+    return model.SerializeToString()
+
+
+def onnx_cache_file(bundle: Bundle) -> Path:
+    from imgclf.data.sources import cache_root
+
+    key = json.dumps(
+        [bundle.sha256, bundle.pre.to_dict(), bundle.classes, bundle.meta.get("architecture"),
+         torch.__version__, __version__, EXPORT_VERSION, OPSET],
+        sort_keys=True,
+    )  # fmt: skip
+    return (
+        cache_root() / "onnx" / f"{bundle.sha256[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+    )
+
+
+def cached_onnx_bytes(bundle: Bundle) -> bytes:
+    """The bundle's ONNX graph, from the user cache (keyed by weights sha256) or freshly exported.
+
+    Bundle folders may be read-only, so nothing is written next to the bundle; if the cache
+    is not writable either, the graph simply stays in memory.
+    """
+    f = onnx_cache_file(bundle)
+    try:
+        data = f.read_bytes()
+        from imgclf.runtime.onnxrt import parse_imgclf_metadata
+
+        import onnx  # isort: skip
+
+        props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+        if parse_imgclf_metadata(props, str(f))["weights_sha256"] == bundle.sha256:
+            return data
+    except (OSError, ValueError, Exception):  # missing, truncated or foreign: re-export
+        pass
+    data = onnx_model_bytes(bundle)
+    with contextlib.suppress(OSError):
+        atomic_write_bytes(f, data)
+    return data

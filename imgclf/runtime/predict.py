@@ -1,0 +1,128 @@
+"""Predict files, folders and globs with a bundle; bad files are reported, never fatal."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.core.imageio import ImageDecodeError, is_candidate_file
+from imgclf.runtime.bundle import Bundle
+
+
+@dataclass
+class PredictResult:
+    path: str
+    label: str | None
+    probability: float | None
+    top_k: list[dict[str, Any]]
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"path": self.path, "label": self.label, "probability": self.probability, "top_k": self.top_k}
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+def expand_paths(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Files, folders (recursive, sorted) and glob patterns -> (files, inputs that matched nothing)."""
+    files: list[str] = []
+    missing: list[str] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                files.extend(
+                    str(Path(dirpath) / f) for f in sorted(filenames) if is_candidate_file(Path(dirpath) / f)
+                )
+        elif p.exists():
+            files.append(str(p))
+        elif any(c in s for c in "*?["):
+            hits = sorted(h for h in glob.glob(s, recursive=True) if Path(h).is_file())
+            files.extend(hits) if hits else missing.append(s)
+        else:
+            missing.append(s)
+    return files, missing
+
+
+def predict_files(
+    bundle: Bundle, files: Sequence[str], *, top_k: int = 5, batch_size: int = 64, tta: str | None = None
+) -> Iterator[PredictResult]:
+    """Yield one result per file in order; unreadable files carry ``error`` instead of a label.
+
+    ``tta``: a test-time-augmentation view set (:mod:`imgclf.runtime.tta`), ``auto`` or None (off).
+    """
+    if tta:
+        from imgclf.runtime.tta import predict_tta
+    for s in range(0, len(files), batch_size):
+        chunk = files[s : s + batch_size]
+        arrays, ok_paths, results = [], [], {}
+        for f in chunk:
+            try:
+                arrays.append(bundle.prepare(f))
+                ok_paths.append(f)
+            except ImageDecodeError as e:
+                results[f] = PredictResult(f, None, None, [], error=str(e))
+        if arrays:
+            batch = np.stack(arrays)
+            probs = predict_tta(bundle, batch, tta) if tta else bundle.predict_batch(batch)
+            for f, r in zip(ok_paths, bundle.top_k(probs, top_k)):
+                results[f] = PredictResult(f, r["label"], r["probability"], r["top_k"])
+        for f in chunk:
+            yield results[f]
+
+
+# --------------------------------------------------------------------------- annotate, CSV, gallery
+
+
+def write_csv(results: Sequence[PredictResult], path: str | Path, classes: Sequence[str], k: int) -> None:
+    """One row per file: path, label, probability, verdict from the file name, top-k, error."""
+    import csv
+
+
+    k = max(1, min(k, len(classes)))
+    header = ["path", "label", "probability", "filename_verdict"]
+    for r in range(1, k + 1):
+        header += [f"top{r}_label", f"top{r}_probability"]
+    header.append("error")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for res in results:
+            row: list[Any] = [
+                res.path,
+                res.label or "",
+                "" if res.probability is None else f"{res.probability:.6f}",
+            ]
+            row.append((judge_from_filename(res.path, classes, res.label) or "") if res.label else "")
+            for r in range(k):
+                t = res.top_k[r] if r < len(res.top_k) else None
+                row += [t["label"], f"{t['probability']:.6f}"] if t else ["", ""]
+            row.append(res.error or "")
+            w.writerow(row)
+
+
+def judge_from_filename(path: str | Path, classes: Sequence[str], predicted: str) -> str | None:
+    """'correct' / 'incorrect' when the file name names exactly one class, else None.
+
+    A class counts only as a whole token (bounded by non-alphanumerics), so ``IMG_1118.jpg``
+    names no digit class while ``charmander_0042.png`` names ``charmander``.
+    """
+    stem = Path(path).stem.lower()
+    found = [
+        c for c in classes if c and re.search(r"(?<![a-z0-9])" + re.escape(c.lower()) + r"(?![a-z0-9])", stem)
+    ]
+    # A name inside another found name does not count ("shirt" within "t-shirt"); two
+    # separate names (pikachu_vs_bulbasaur) are ambiguous, so no verdict.
+    found = [c for c in found if not any(c != d and c.lower() in d.lower() for d in found)]
+    if len(found) != 1:
+        return None
+    return "correct" if found[0] == predicted else "incorrect"

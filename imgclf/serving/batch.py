@@ -1,0 +1,348 @@
+"""Batch prediction of many images into one Parquet file: streaming, bounded memory, resumable.
+
+Two engines produce the same rows (``path, label, probability, top_k, error``):
+
+* local (default): this process decodes with a thread pool and predicts chunk by chunk;
+* Ray Data (``workers=N``, ``pip install 'imgclf[ray]'``): the list of paths becomes a Ray
+  Dataset, ``N`` actors each load the bundle once and read, decode and predict their batches
+  lazily, and Ray writes the Parquet parts as results stream in.
+
+Results first go to part files in ``OUT.parts/`` (each written atomically or discarded when
+damaged); a re-run skips every path already in ``OUT`` or a part, then merges all parts into
+``OUT`` one part at a time, so memory stays bounded by one chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.core.imageio import ImageDecodeError
+from imgclf.data.sources import DataError
+from imgclf.runtime.bundle import Bundle, load_bundle, resolve_bundle_dir
+from imgclf.runtime.predict import expand_paths
+
+log = logging.getLogger("imgclf")
+
+
+def _require_pyarrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as e:
+        raise DataError(
+            "predict-batch writes Parquet and needs pyarrow: pip install pyarrow "
+            "(or pip install 'imgclf[ray]' for the Ray engine too)"
+        ) from e
+    return pa
+
+
+def schema() -> Any:
+    """The Parquet schema of a predictions file."""
+    pa = _require_pyarrow()
+    top = pa.struct([("label", pa.string()), ("probability", pa.float32())])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("probability", pa.float32()),
+            ("top_k", pa.list_(top)),
+            ("error", pa.string()),
+        ]
+    )
+
+
+def predict_table(bundle: Bundle, paths: Sequence[str], *, top_k: int = 5, threads: int = 1) -> Any:
+    """Decode and predict ``paths``; one row per path, unreadable files carry ``error``."""
+    pa = _require_pyarrow()
+
+    def load(p: str) -> np.ndarray | str:
+        try:
+            return bundle.prepare(p)
+        except ImageDecodeError as e:
+            return str(e)
+        except OSError as e:  # vanished or unreadable file: recorded, not fatal
+            return f"{p}: {e.strerror or e}"
+
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as ex:  # PIL decodes release the GIL
+            loaded = list(ex.map(load, paths))
+    else:
+        loaded = [load(p) for p in paths]
+    ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+    rows: list[dict[str, Any]] = [
+        {"path": str(p), "label": None, "probability": None, "top_k": [], "error": x}
+        if isinstance(x, str)
+        else None
+        for p, x in zip(paths, loaded)
+    ]
+    if ok:
+        probs = bundle.predict_batch(np.stack([loaded[i] for i in ok]))
+        for i, r in zip(ok, bundle.top_k(probs, top_k)):
+            rows[i] = {"path": str(paths[i]), **r, "error": None}
+    return pa.Table.from_pylist(rows, schema=schema())
+
+
+@dataclass
+class BatchSummary:
+    out: Path
+    total: int  # files matched by the inputs
+    predicted: int  # predicted in this run
+    already_done: int  # skipped: present in the output or a part from an earlier run
+    failed: int  # rows of this run with an error
+    seconds: float
+    engine: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out),
+            "total": self.total,
+            "predicted": self.predicted,
+            "already_done": self.already_done,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 2),
+            "images_per_s": round(self.predicted / max(self.seconds, 1e-9), 1),
+            "engine": self.engine,
+        }
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _done_paths(out: Path) -> set[str]:
+    """Paths already predicted in ``out`` and its parts; damaged parts are deleted (redone)."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    files = [out] if out.exists() else []
+    pdir = parts_dir(out)
+    if pdir.exists():
+        files += sorted(p for p in pdir.rglob("*.parquet") if not p.name.startswith("."))
+    for f in files:
+        try:
+            col = pq.read_table(f, columns=["path"]).column("path")
+        except Exception as e:  # a part cut short by a crash: its rows are predicted again
+            if f == out:
+                raise DataError(
+                    f"{out}: exists but is not a readable predictions Parquet file ({e}); "
+                    "choose another --out or delete it"
+                ) from e
+            log.warning("discarding damaged part %s (%s)", f, e)
+            f.unlink()
+            continue
+        done.update(col.to_pylist())
+    return done
+
+
+def _write_part(table: Any, path: Path) -> None:
+    """Atomic: a crash leaves no half-written part with a final name."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def merge_parts(out: Path) -> int:
+    """Stream ``out`` (if any) and every part into a new ``out``; returns the row count."""
+    import pyarrow.parquet as pq
+
+    pdir = parts_dir(out)
+    parts = sorted(p for p in pdir.rglob("*.parquet") if not p.name.startswith(".")) if pdir.exists() else []
+    if not parts and out.exists():
+        return pq.ParquetFile(out).metadata.num_rows
+    sources = ([out] if out.exists() else []) + parts
+    tmp = out.with_name(f".{out.name}.merge.tmp")
+    n = 0
+    with pq.ParquetWriter(tmp, schema()) as w:
+        for src in sources:
+            pf = pq.ParquetFile(src)
+            for rb in pf.iter_batches(batch_size=65536):  # one row group at a time: bounded memory
+                tb = _conform(rb)
+                w.write_table(tb)
+                n += tb.num_rows
+    os.replace(tmp, out)
+    shutil.rmtree(pdir, ignore_errors=True)
+    return n
+
+
+def _conform(rb: Any) -> Any:
+    """A batch from any part as a table of exactly :func:`schema` (Ray may widen or reorder)."""
+    pa = _require_pyarrow()
+    t = pa.Table.from_batches([rb])
+    sch = schema()
+    return pa.table([t.column(f.name).cast(f.type) for f in sch], schema=sch)
+
+
+def _run_local(
+    bundle: Bundle, todo: list[str], pdir: Path, *, top_k: int, batch_size: int, chunk: int, progress: bool
+) -> int:
+    from tqdm import tqdm
+
+    threads = max(1, min(8, os.cpu_count() or 1))
+    failed = 0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with tqdm(total=len(todo), desc="predict-batch", unit="img", disable=not progress) as bar:
+        for c, s in enumerate(range(0, len(todo), chunk)):
+            paths = todo[s : s + chunk]
+            tables = []
+            for b in range(0, len(paths), batch_size):
+                t = predict_table(bundle, paths[b : b + batch_size], top_k=top_k, threads=threads)
+                tables.append(t)
+                bar.update(t.num_rows)
+            import pyarrow as pa
+
+            table = pa.concat_tables(tables)
+            failed += table.num_rows - table.column("error").null_count
+            _write_part(table, pdir / f"local-{stamp}-{c:06d}.parquet")
+    return failed
+
+
+class _RayPredictor:
+    """A Ray Data actor: loads the bundle once, then predicts batches of paths."""
+
+    def __init__(self, bundle_dir: str, top_k: int) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one core per actor; Ray schedules one actor per CPU
+        self.bundle = load_bundle(bundle_dir)
+        self.top_k = top_k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        return predict_table(self.bundle, [str(p) for p in batch["path"]], top_k=self.top_k)
+
+
+def _run_ray(
+    bundle_dir: Path,
+    todo: list[str],
+    pdir: Path,
+    *,
+    workers: int,
+    address: str | None,
+    top_k: int,
+    batch_size: int,
+    chunk: int,
+    progress: bool,
+) -> int:
+    from imgclf.training.distributed import init_ray
+
+    started = init_ray(address)
+    import ray
+    import ray.data
+
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        failed = 0
+        # One Ray Data pipeline per chunk: each finished chunk is on disk, so a crash loses at most one.
+        for c, s in enumerate(range(0, len(todo), chunk)):
+            paths = todo[s : s + chunk]
+            ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, workers * 2))
+            ds = ds.map_batches(
+                _RayPredictor,
+                fn_constructor_args=(str(bundle_dir), top_k),
+                batch_size=batch_size,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=1,
+                batch_format="numpy",
+            )
+            tmp = pdir / f".ray-{stamp}-{c:06d}"
+            ds.write_parquet(str(tmp))
+            import pyarrow.parquet as pq
+
+            for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
+                err = pq.read_table(f, columns=["error"]).column("error")
+                failed += len(err) - err.null_count
+                os.replace(f, pdir / f"ray-{stamp}-{c:06d}-{i:04d}.parquet")
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if started:
+            ray.shutdown()
+    return failed
+
+
+def predict_batch(
+    bundle: str | Path,
+    inputs: Sequence[str],
+    out: str | Path,
+    *,
+    workers: int | None = None,
+    address: str | None = None,
+    top_k: int = 5,
+    batch_size: int = 256,
+    chunk: int = 8192,
+    progress: bool | None = None,
+) -> BatchSummary:
+    """Predict every image under ``inputs`` (folders, files, globs) into the Parquet file ``out``.
+
+    ``workers`` (or ``address``) selects the Ray Data engine; otherwise this process does the work.
+    Paths already in ``out`` (or its parts) are skipped, so an interrupted run resumes.
+    """
+    _require_pyarrow()
+    t0 = time.time()
+    if progress is None:
+        progress = sys.stderr.isatty()
+    out = Path(out).resolve()
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give a file name such as {out / 'predictions.parquet'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bdir = resolve_bundle_dir(bundle)
+    b = load_bundle(bdir)  # fail fast, before listing millions of files
+    files, missing = expand_paths(list(inputs))
+    if missing:
+        raise DataError(f"no such file, folder or matching glob: {', '.join(missing)}")
+    if not files:
+        raise DataError(f"no image files under {', '.join(inputs)}")
+    files = [str(Path(f).resolve()) for f in files]
+    done = _done_paths(out)
+    todo = [f for f in files if f not in done]
+    already = len(files) - len(todo)
+    pdir = parts_dir(out)
+    pdir.mkdir(exist_ok=True)
+    engine = "local"
+    failed = 0
+    if todo:
+        if workers or address:
+            engine = f"ray x{workers or 1}"
+            failed = _run_ray(
+                bdir,
+                todo,
+                pdir,
+                workers=int(workers or 1),
+                address=address,
+                top_k=top_k,
+                batch_size=batch_size,
+                chunk=max(chunk, batch_size),
+                progress=progress,
+            )
+        else:
+            failed = _run_local(
+                b,
+                todo,
+                pdir,
+                top_k=top_k,
+                batch_size=batch_size,
+                chunk=max(chunk, batch_size),
+                progress=progress,
+            )
+    merge_parts(out)
+    return BatchSummary(out, len(files), len(todo), already, failed, time.time() - t0, engine)
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a predictions file (small files and tests)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
