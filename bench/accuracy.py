@@ -122,8 +122,8 @@ def run_row(
 
     from imgclf.runtime.bundle import load_bundle
     from imgclf.runtime.tta import auto_views, predict_tta
+    from imgclf.training.api import train
     from imgclf.training.recipes import config_from
-    from imgclf.training.trainer import train
 
     rid = row_id(ds, model, recipe)
     out = runs_dir / rid.replace("/", "_")

@@ -36,8 +36,8 @@ def run_one(
 ) -> dict[str, Any]:
     import torch
 
+    from imgclf.training.api import train
     from imgclf.training.recipes import config_from
-    from imgclf.training.trainer import train
 
     if threads:
         torch.set_num_threads(threads)

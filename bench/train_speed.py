@@ -21,7 +21,6 @@ Writes bench/results/train_speed.json. Data: $IMGCLF_SHARED (default ../shared/d
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -40,11 +39,9 @@ SHARED = Path(os.environ.get("IMGCLF_SHARED", ROOT.parent / "shared" / "datasets
 os.environ.setdefault("IMGCLF_DATA_DIR", str(SHARED))
 
 from imgclf.models.registry import create_model  # noqa: E402
+from imgclf.training import trainer as T  # noqa: E402
+from imgclf.training.api import train  # noqa: E402
 from imgclf.training.config import TrainConfig  # noqa: E402
-
-T = importlib.import_module(
-    "imgclf.training.trainer"
-)  # the module (imgclf.training.trainer is also a function)
 
 MODELS = {
     # name: (img size, channels, batch, data, augment)
@@ -161,7 +158,7 @@ def pipeline(name: str, work: Path, subset: int, prefetch: bool, tag: str, preci
     )
     T.PREFETCH = prefetch
     try:
-        res = T.train(cfg, progress=False)
+        res = train(cfg, progress=False)
     finally:
         T.PREFETCH = None
     h = res.history[-1]

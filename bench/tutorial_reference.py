@@ -124,8 +124,8 @@ def tf_available(tf_python: str) -> bool:
 
 
 def imgclf_run(folder: Path, epochs: int, runs: Path, i: int) -> dict[str, Any]:
+    from imgclf.training.api import train
     from imgclf.training.recipes import config_from
-    from imgclf.training.trainer import train
 
     cfg = config_from(
         {"data": str(folder), "model": "smallervggnet", "recipe": "tutorial", "epochs": epochs}

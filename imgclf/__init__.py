@@ -24,9 +24,9 @@ def train(config: Any = None, /, *, progress: bool | None = None, **kwargs: Any)
 
     With a dict or keywords, the chosen ``recipe`` fills only the keys not given.
     """
+    from imgclf.training.api import train as _train
     from imgclf.training.config import TrainConfig
     from imgclf.training.recipes import config_from
-    from imgclf.training.trainer import train as _train
 
     if isinstance(config, TrainConfig):
         cfg = config.replace(**kwargs)

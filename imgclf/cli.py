@@ -21,12 +21,12 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from imgclf.core.errors import TrainingError
     from imgclf.core.imageio import ImageDecodeError
     from imgclf.data.sources import DataError
     from imgclf.models.registry import UnknownModelError
     from imgclf.runtime.bundle import BundleError
     from imgclf.training.config import ConfigError
-    from imgclf.training.trainer import TrainingError
 
     return (BundleError, ConfigError, DataError, ImageDecodeError, UnknownModelError, TrainingError)
 

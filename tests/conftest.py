@@ -66,8 +66,8 @@ def small_sign_folder():
 @pytest.fixture(scope="session")
 def mnist_bundle(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> Path:
     """LeNet trained briefly on a 3,000-image MNIST subset (about 97% test accuracy is NOT expected)."""
+    from imgclf.training.api import train
     from imgclf.training.config import TrainConfig
-    from imgclf.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs") / "mnist"
     cfg = TrainConfig(data="mnist", model="lenet", epochs=2, subset=3000, out=str(out), tensorboard=False)
@@ -77,8 +77,8 @@ def mnist_bundle(tmp_path_factory: pytest.TempPathFactory, mnist_dir: Path) -> P
 @pytest.fixture(scope="session")
 def sign_bundle(tmp_path_factory: pytest.TempPathFactory, sign_dir: Path) -> Path:
     """SmallerVGGNet at 48x48 trained briefly on 500 real Sign Language photos."""
+    from imgclf.training.api import train
     from imgclf.training.config import TrainConfig
-    from imgclf.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs") / "sign"
     cfg = TrainConfig(

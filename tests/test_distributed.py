@@ -30,7 +30,7 @@ def ray_local(mnist_dir: Path):
 
 @pytest.fixture(scope="module")
 def two_worker_run(ray_local, tmp_path_factory: pytest.TempPathFactory):
-    from imgclf.training.trainer import train
+    from imgclf.training.api import train
 
     out = tmp_path_factory.mktemp("ray") / "mnist2"
     return train(TrainConfig(**RUN, out=str(out), ray_workers=2), progress=False)
@@ -56,7 +56,7 @@ def mnist_pngs(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_two_workers_match_one_and_write_one_bundle(two_worker_run, tmp_path: Path) -> None:
     from imgclf.runtime.bundle import load_bundle
-    from imgclf.training.trainer import train
+    from imgclf.training.api import train
 
     one = train(TrainConfig(**RUN, out=str(tmp_path / "mnist1")), progress=False)
     two = two_worker_run
@@ -122,8 +122,8 @@ def test_damaged_part_is_redone(two_worker_run, mnist_pngs: Path, tmp_path: Path
 
 
 def test_killed_worker_does_not_lose_the_run(ray_local, tmp_path: Path, monkeypatch) -> None:
+    from imgclf.training.api import train
     from imgclf.training.distributed import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
-    from imgclf.training.trainer import train
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "1")

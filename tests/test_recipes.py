@@ -141,7 +141,7 @@ def test_train_with_init_weights_starts_from_them(mnist_bundle: Path, tmp_path: 
     """Through the real training loop: with a negligible lr the trained conv1 is the source's."""
     from safetensors.torch import load_file
 
-    from imgclf.training.trainer import train
+    from imgclf.training.api import train
 
     cfg = config_from(
         {
@@ -319,7 +319,7 @@ def test_tutorial_recipe_fashion_minivgg_is_the_tutorials_net_and_optimizer() ->
 
 def test_tutorial_recipe_cats_vs_dogs_trains_a_one_logit_simplecnn(sign_dir: Path, tmp_path: Path) -> None:
     from imgclf.runtime.bundle import load_bundle
-    from imgclf.training.trainer import train
+    from imgclf.training.api import train
 
     # Two real photo classes stand in for cats and dogs.
     data = tmp_path / "pets"

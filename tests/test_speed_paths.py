@@ -18,6 +18,7 @@ from imgclf.training.config import TrainConfig
 
 # the module, not the `imgclf.training.trainer` function the package re-exports
 T = importlib.import_module("imgclf.training.trainer")
+from imgclf.training.api import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_training_with_and_without_prefetch_is_identical(
             out=str(tmp_path / f"p{int(flag)}"),
             tensorboard=False,
         )
-        res = T.train(cfg, progress=False)
+        res = train(cfg, progress=False)
         hist[flag] = res.history[0]
         metrics = json.loads((res.run_dir / "metrics.json").read_text())
         assert metrics["val_accuracy"] > 0.5  # it learned, on real digits

@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imgclf.core.errors import TrainingError
+from imgclf.training.api import resume, train
 from imgclf.training.config import ConfigError, TrainConfig
 from imgclf.training.recipes import config_from
-from imgclf.training.trainer import TrainingError, resume, train
 
 
 def _digits(tmp_path: Path, name: str, **kw) -> TrainConfig:

@@ -88,8 +88,8 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from imgclf.training.api import resume, train
     from imgclf.training.recipes import config_from
-    from imgclf.training.trainer import resume, train
 
     progress = False if args.no_progress else None
     given = given_options(args)

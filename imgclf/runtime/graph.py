@@ -14,7 +14,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,8 +26,8 @@ from imgclf.core.version import __version__
 from imgclf.models.registry import logits_to_probs
 from imgclf.runtime.onnxrt import META_FORMAT, META_PREFIX
 
-# The bundle type lives above this module (it imports this one), so annotations name it as text.
-Bundle = Any
+if TYPE_CHECKING:  # the bundle module imports this one
+    from imgclf.runtime.bundle import Bundle
 
 
 OPSET = 17

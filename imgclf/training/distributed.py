@@ -1,13 +1,14 @@
 """Data-parallel training on Ray (``pip install 'imgclf[ray]'``).
 
 Ray Train's ``TorchTrainer`` starts ``ray_workers`` processes; each runs the same loop as
-single-process training (:func:`imgclf.training.trainer._run`) with a :class:`RayDist` context: the model is
-wrapped in DistributedDataParallel (gloo on CPU), every rank trains on rows ``rank::world`` of each
+single-process training (:class:`imgclf.training.trainer.Trainer`) with a :class:`RayDist`
+context: the model is wrapped in DistributedDataParallel (gloo on CPU), every rank trains on
+rows ``rank::world`` of each
 global batch of the shared seeded permutation, metrics are summed across ranks, and only rank 0
 writes the run folder. After each epoch rank 0 reports ``checkpoints/last.safetensors`` (+ best,
 history) to Ray, so Ray's ``FailureConfig`` can restart a failed worker group from it.
 
-Only :func:`imgclf.training.trainer.train` imports this module, and only when ``ray_workers`` is set.
+Only :func:`imgclf.training.api.train` imports this module, and only when ``ray_workers`` is set.
 
 Environment knobs (documented in docs/SCALING.md):
 ``IMGCLF_RAY_STORAGE`` where Ray keeps checkpoints (must be shared storage on a multi-node
@@ -27,8 +28,9 @@ from typing import Any
 
 import torch
 
+from imgclf.core.errors import TrainingError
 from imgclf.training.config import TrainConfig
-from imgclf.training.trainer import DistContext, TrainingError, TrainResult, _run
+from imgclf.training.trainer import DistContext, Trainer, TrainResult
 
 log = logging.getLogger("imgclf")
 
@@ -176,7 +178,7 @@ def _worker(config: dict[str, Any]) -> None:
             if (local_ckpt / "best.safetensors").exists():
                 shutil.copy2(local_ckpt / "best.safetensors", run_dir / "checkpoints" / "best.safetensors")
     try:
-        result = _run(cfg, run_dir, False, resuming, dist)
+        result = Trainer(cfg, run_dir, progress=False, resuming=resuming, dist=dist).fit()
     finally:
         if local_ckpt is not None:
             shutil.rmtree(local_ckpt, ignore_errors=True)

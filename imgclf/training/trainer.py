@@ -1,8 +1,9 @@
 """The training loop: data -> model -> callbacks -> checkpoints -> bundle.
 
-One entry, :func:`train`. Everything it decides comes from a :class:`TrainConfig`; the run
-folder receives ``model/`` (the bundle), ``history.csv``, ``metrics.json``, ``plot.png``,
-``splits.json``, ``config.json``, ``train.log``, TensorBoard events and checkpoints.
+One entry, :class:`Trainer` (``imgclf.train`` and :func:`imgclf.training.api.train` wrap it).
+Everything it decides comes from a :class:`TrainConfig`; the run folder receives ``model/`` (the
+bundle), ``history.csv``, ``metrics.json``, ``plot.png``, ``splits.json``, ``config.json``,
+``train.log``, TensorBoard events and checkpoints.
 """
 
 from __future__ import annotations
@@ -23,12 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.core.errors import TrainingError
+from imgclf.core.files import atomic_write_bytes
 from imgclf.core.preprocess import Preprocess, normalize
 from imgclf.data import sources as D
 from imgclf.data.augment import Augment
 from imgclf.models.registry import create_model, get_spec, logits_to_probs, num_outputs
-from imgclf.runtime.bundle import atomic_write_bytes, save_bundle
+from imgclf.runtime.bundle import save_bundle
+from imgclf.training.callbacks import Callback, ModelCheckpoint, default_callbacks
+from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.training.config import ConfigError, TrainConfig
+from imgclf.training.transfer import check_config as check_transfer_config
+from imgclf.training.transfer import init_model
 
 log = logging.getLogger("imgclf")
 
@@ -204,57 +210,6 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Model + optimizer tensors in safetensors, everything else as JSON metadata; atomic."""
-    from safetensors.torch import save
-
-    tensors: dict[str, torch.Tensor] = {
-        f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-    }
-    osd = opt.state_dict()
-    scalars: dict[str, Any] = {}
-    for pid, st in osd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim/{pid}/{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}/{k}"] = v
-    groups = [
-        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in osd["param_groups"]
-    ]
-    tensors["rng/torch"] = torch.get_rng_state()
-    meta = {"state": json.dumps(state), "param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, name = k.split("/", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for k, v in json.loads(meta["scalars"]).items():
-        pid, name = k.split("/", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    # Fused optimizers walk raw memory, so state loaded as contiguous NCHW next to a
-    # channels_last parameter would pair the wrong elements: give it the parameter's layout.
-    for g in opt.param_groups:
-        for p in g["params"]:
-            st = opt.state.get(p, {})
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    st[k] = torch.empty_like(p).copy_(v)
-    torch.set_rng_state(tensors["rng/torch"])
-    return json.loads(meta["state"])
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -305,15 +260,6 @@ def write_plot(history: list[dict[str, float]], path: Path, title: str = "") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _write_history(path: Path, history: list[dict[str, float]]) -> None:
-    if not history:
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0].keys()))
-        w.writeheader()
-        w.writerows(history)
 
 
 class _EMA:
@@ -414,8 +360,8 @@ def epoch_batches(
 # --------------------------------------------------------------------------- main entry
 
 
-def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progress: bool) -> dict[str, Any]:
-    """Split and decode: returns {'train'|'val'|'test': Decoded, 'splits': {name: [items]}, ...}."""
+def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progress: bool) -> PreparedData:
+    """Split (duplicate-aware) and decode every split."""
     groups = None
     report: dict[str, Any] = {}
     usable = np.arange(len(index))
@@ -446,7 +392,8 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
         for k in ("val", "test"):
             if k in parts and len(parts[k]) > cfg.subset:
                 parts[k] = parts[k][D.stratified_subset(index.labels[parts[k]], cfg.subset, cfg.seed)]
-    out: dict[str, Any] = {"report": report, "failed": list(index.skipped)}
+    failed = list(index.skipped)
+    decoded: dict[str, D.Decoded] = {}
     for name, idx in parts.items():
         dec = D.decode_items(
             index,
@@ -458,366 +405,445 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
             progress=progress,
             desc=f"decode {name}",
         )
-        out[name] = dec
-        out["failed"].extend(dec.failed)
-    out["splits"] = {name: [index.relpath(i) for i in out[name].items] for name in parts}
-    return out
+        decoded[name] = dec
+        failed.extend(dec.failed)
+    splits = {name: [index.relpath(i) for i in decoded[name].items] for name in parts}
+    return PreparedData(decoded["train"], decoded.get("val"), decoded.get("test"), splits, failed, report)
 
 
-def train(cfg: TrainConfig, *, progress: bool | None = None) -> TrainResult:
-    """Train ``cfg`` into the run folder ``cfg.out``; refuses to overwrite an existing run."""
-    run_dir = Path(cfg.out)
-    if (run_dir / "model").exists() or (run_dir / "checkpoints").exists():
-        raise TrainingError(
-            f"{run_dir} already holds a run. Use --resume {run_dir} to continue it, or choose another --out."
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue from a checkpoint (callbacks keep their own state)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    lr_scale: float = 1.0  # ReduceLROnPlateau's multiplier on the schedule
+    history: list[dict[str, float]] = field(default_factory=list)
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stop_training: bool = False
+    stop_reason: str = ""
+    failed: bool = False  # stopped by a failure (a non-finite loss), not by a callback's decision
+
+    def to_json(self, gen: torch.Generator) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr_scale": self.lr_scale,
+            "history": self.history,
+            "callbacks": self.callbacks,
+            "gen_state": gen.get_state().tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainState:
+        if "plateau" in d:  # checkpoints written before callbacks kept their own state
+            d = {
+                "epoch": d["epoch"],
+                "step": d["step"],
+                "lr_scale": d["plateau"]["scale"],
+                "callbacks": {
+                    "ModelCheckpoint": {"best": d["best_val_loss"], "best_epoch": d["best_epoch"]},
+                    "EarlyStopping": {"best": d["best_val_loss"], "bad_epochs": d["bad_epochs"]},
+                    "ReduceLROnPlateau": {"best": d["plateau"]["best"], "bad": d["plateau"]["bad"]},
+                },
+            }
+        return cls(
+            epoch=int(d["epoch"]),
+            step=int(d["step"]),
+            lr_scale=float(d.get("lr_scale", 1.0)),
+            history=list(d.get("history", [])),
+            callbacks=dict(d.get("callbacks", {})),
         )
-    if cfg.ray_workers:
-        from imgclf.training.distributed import train_distributed  # only here: nothing else imports Ray
-
-        return train_distributed(cfg.validate(), progress=progress)
-    return _run(cfg.validate(), run_dir, progress, resuming=False)
 
 
-def resume(run_dir: str | Path, *, epochs: int | None = None, progress: bool | None = None) -> TrainResult:
-    """Continue an interrupted run from ``run_dir/checkpoints/last.safetensors``.
+@dataclass
+class PreparedData:
+    """The decoded splits of one run, and what was left out on the way."""
 
-    ``epochs`` raises the total epoch count (to train longer than first planned).
+    train: D.Decoded
+    val: D.Decoded | None
+    test: D.Decoded | None
+    splits: dict[str, list[str]]
+    failed: list[tuple[str, str]]
+    report: dict[str, Any]
+
+
+class Trainer:
+    """One training run: ``Trainer(cfg, run_dir).fit() -> TrainResult``.
+
+    The loop is a few short methods (:meth:`setup`, :meth:`train_epoch`, :meth:`validate`,
+    :meth:`finish`); what happens around it (logging, checkpoints, early stopping, plateau,
+    TensorBoard, NaN) are :mod:`imgclf.training.callbacks` objects, built from the config by
+    :func:`~imgclf.training.callbacks.default_callbacks` plus any the caller passes.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoints" / "last.safetensors").exists():
-        raise TrainingError(f"{run_dir}: no checkpoints/last.safetensors to resume from")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    if epochs is not None:
-        cfg = cfg.replace(epochs=epochs)
-    if cfg.ray_workers:
-        from imgclf.training.distributed import train_distributed
 
-        return train_distributed(cfg.validate(), progress=progress, resuming=True)
-    return _run(cfg.validate(), run_dir, progress, resuming=True)
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path | None = None,
+        *,
+        callbacks: list[Callback] | None = None,
+        progress: bool | None = None,
+        resuming: bool = False,
+        dist: DistContext | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.out)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.resuming = resuming
+        self.dist = dist or DistContext()
+        self.callbacks = default_callbacks(cfg) + list(callbacks or [])
+        keys = [cb.key for cb in self.callbacks]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ConfigError(f"callbacks: two callbacks share the key {dup[0]!r}; give one a distinct `key`")
+        self.state = TrainState()
+        self.ck_dir = self.run_dir / "checkpoints"
+        self.best_path = self.ck_dir / "best.safetensors"
+        self.last_path = self.ck_dir / "last.safetensors"
 
+    # ------------------------------------------------------------------ public surface for callbacks
 
-def _run(
-    cfg: TrainConfig, run_dir: Path, progress: bool | None, resuming: bool, dist: DistContext | None = None
-) -> TrainResult:
-    from tqdm import tqdm
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.state.history
 
-    if progress is None:
-        progress = sys.stderr.isatty()
-    dist = dist or DistContext()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fh = _setup_logging(run_dir) if dist.is_main else None
-    try:
-        return _train(cfg, run_dir, progress, resuming, tqdm, dist)
-    finally:
-        if fh is not None:
-            log.removeHandler(fh)
-            fh.close()
+    @property
+    def has_val(self) -> bool:
+        return self.data.val is not None and len(self.data.val.labels) > 0
 
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights that are evaluated and saved: the EMA copy when EMA is on."""
+        return self.ema.shadow if self.ema is not None else self.model
 
-def _train(
-    cfg: TrainConfig, run_dir: Path, progress: bool, resuming: bool, tqdm: Any, dist: DistContext
-) -> TrainResult:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    t_start = time.time()
-    from imgclf.training.transfer import check_config, init_model
+    def monitor(self, logs: dict[str, float]) -> float:
+        """The value checkpointing, early stopping and plateau watch: val loss, else train loss."""
+        return logs["val_loss"] if self.has_val else logs["train_loss"]
 
-    check_config(cfg)  # timm installed, --init-weights readable: fail before decoding data
-    index = D.index_source(cfg.data, cfg.cache_dir)
-    cfg = resolve_defaults(cfg, index)
-    if dist.is_main:
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    size = int(cfg.img_size)
-    pre = Preprocess((size, size), int(cfg.channels), mean=tuple(cfg.mean or ()), std=tuple(cfg.std or ()))
-    log.info(
-        "data %s: %d items, %d classes; model %s at %dx%dx%d",
-        index.name,
-        len(index),
-        len(index.classes),
-        cfg.model,
-        size,
-        size,
-        pre.channels,
-    )
-    # Built before decoding so a bad --model-args fails at once; nothing in between draws from
-    # torch's RNG, so the initial weights are those of a model built after decoding.
-    try:
-        model = create_model(
-            cfg.model,
-            num_classes=len(index.classes),
-            in_channels=pre.channels,
-            img_size=size,
-            **cfg.model_args,
-        )
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
-    ds = prepare_data(cfg, index, pre, progress)
-    if ds["failed"] and dist.is_main:
-        lines = [f"{p}\t{r}" for p, r in ds["failed"]]
-        (run_dir / "skipped_files.txt").write_text("\n".join(lines) + "\n")
-        log.warning(
-            "skipped %d unreadable file(s); listed in %s (first: %s)",
-            len(lines),
-            run_dir / "skipped_files.txt",
-            lines[0].replace("\t", ": "),
-        )
-    if dist.is_main:
-        (run_dir / "splits.json").write_text(json.dumps(ds["splits"], indent=1) + "\n")
-    tr, va, te = ds["train"], ds.get("val"), ds.get("test")
-    if len(tr.labels) == 0:
-        raise TrainingError("no readable training images left after decoding; see skipped_files.txt")
-    log.info(
-        "split: train %d, val %d, test %d",
-        len(tr.labels),
-        len(va.labels) if va else 0,
-        len(te.labels) if te else 0,
-    )
+    def stop(self, reason: str, *, failed: bool = False) -> None:
+        """End training: after this batch when ``failed`` (its update is skipped), else after this epoch."""
+        self.state.stop_training = True
+        self.state.stop_reason = reason
+        self.state.failed = self.state.failed or failed
 
-    classes = index.classes
-    if not resuming:
-        init_model(model, cfg)  # --init-weights / --pretrained (a resumed run loads its checkpoint)
-    device = resolve_device(cfg.device)
-    if dist.world_size > 1 and device.type != "cpu":
-        raise ConfigError("--ray-workers trains on CPUs (gloo); leave --device at cpu")
-    model = model.to(device=device, memory_format=torch.channels_last)
-    if device.type != "cpu":
-        log.info("training on %s", device)
-    binary = num_outputs(len(classes), get_spec(cfg.model)) == 1
-    opt = make_optimizer(model, cfg)
-    aug = None
-    if cfg.augment == "on":
-        aug = Augment(cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase)
-    weights = None
-    if cfg.class_weights == "auto":
-        counts = np.bincount(tr.labels, minlength=len(classes)).astype(np.float64)
-        w = counts.sum() / (len(classes) * np.maximum(counts, 1))
-        weights = torch.tensor(w, dtype=torch.float32, device=device)
-    ema = _EMA(model, cfg.ema) if cfg.ema > 0 else None
-    step_model = dist.wrap_model(model)  # DDP when data-parallel: averages gradients across ranks
-    if cfg.compile:
-        step_model = torch.compile(model)
+    def save_weights(self, path: Path) -> None:
+        from imgclf.runtime.bundle import state_dict_bytes
 
-    bf16 = cfg.precision == "bf16"
-    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
-        log.warning("--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); expect it to be slower")
-    n = len(tr.labels)
-    bs = min(cfg.batch_size, n)
-    bs -= bs % dist.world_size  # equal shards per rank, so DDP's mean equals the global-batch mean
-    steps_per_epoch = n // bs  # drop the last partial batch: BN is unstable on tiny batches
-    total_steps = steps_per_epoch * cfg.epochs
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ck_dir = run_dir / "checkpoints"
-    ck_dir.mkdir(exist_ok=True)
-    history: list[dict[str, float]] = []
-    state = {"epoch": 0, "step": 0, "best_val_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0}
-    plateau = {"best": float("inf"), "bad": 0, "scale": 1.0}
-    if resuming:
-        state = load_checkpoint(dist.resume_from or ck_dir / "last.safetensors", model, opt)
-        gen.set_state(torch.tensor(state.pop("gen_state"), dtype=torch.uint8))
-        plateau = state.pop("plateau")
-        hist_csv = (dist.resume_from or ck_dir).parent / "history.csv"
-        if hist_csv.exists():
-            with open(hist_csv) as f:
-                history = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-            history = history[: state["epoch"]]
-        log.info("resuming %s from epoch %d", run_dir, state["epoch"])
-        if ema is not None:
-            ema = _EMA(model, cfg.ema)
+        atomic_write_bytes(path, state_dict_bytes(self.eval_model))
 
-    writer = None
-    if cfg.tensorboard and dist.is_main:
+    def run_callbacks(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> TrainResult:
+        """Train, checkpoint every epoch, and write the bundle and reports into the run folder."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fh = _setup_logging(self.run_dir) if self.dist.is_main else None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            self.setup()
+            self.run_callbacks("on_train_begin")
+            for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+                self.run_callbacks("on_epoch_begin", epoch)
+                logs = self.train_epoch(epoch)
+                if self.state.failed:
+                    break
+                logs.update(self.validate())
+                self.end_epoch(epoch, logs)
+                if self.state.stop_training:
+                    break
+            return self.finish()
+        finally:
+            if fh is not None:
+                log.removeHandler(fh)
+                fh.close()
 
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            log.warning("tensorboard not installed: no TensorBoard logs (pip install tensorboard)")
+    def setup(self) -> None:
+        """Data, model, optimizer, augmentation; a resumed run restores its state here."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.t_start = time.time()
+        check_transfer_config(cfg)  # timm installed, --init-weights readable: fail before decoding
+        self.index = D.index_source(cfg.data, cfg.cache_dir)
+        cfg = self.cfg = resolve_defaults(cfg, self.index)
+        if self.dist.is_main:
+            atomic_write_bytes(
+                self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
+            )
+        size = int(cfg.img_size)
+        self.pre = Preprocess(
+            (size, size), int(cfg.channels), mean=tuple(cfg.mean or ()), std=tuple(cfg.std or ())
+        )
+        log.info(
+            "data %s: %d items, %d classes; model %s at %dx%dx%d",
+            self.index.name,
+            len(self.index),
+            len(self.index.classes),
+            cfg.model,
+            size,
+            size,
+            self.pre.channels,
+        )
+        # Built before decoding so a bad --model-args fails at once; nothing in between draws from
+        # torch's RNG, so the initial weights are those of a model built after decoding.
+        try:
+            model = create_model(
+                cfg.model,
+                num_classes=len(self.index.classes),
+                in_channels=self.pre.channels,
+                img_size=size,
+                **cfg.model_args,
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
+        self.data = prepare_data(cfg, self.index, self.pre, self.progress)
+        self._write_data_records()
+        if not self.resuming:
+            init_model(model, cfg)  # --init-weights / --pretrained (a resumed run loads its checkpoint)
+        self.device = resolve_device(cfg.device)
+        if self.dist.world_size > 1 and self.device.type != "cpu":
+            raise ConfigError("--ray-workers trains on CPUs (gloo); leave --device at cpu")
+        self.model = model.to(device=self.device, memory_format=torch.channels_last)
+        if self.device.type != "cpu":
+            log.info("training on %s", self.device)
+        self.binary = num_outputs(len(self.index.classes), get_spec(cfg.model)) == 1
+        self.opt = make_optimizer(self.model, cfg)
+        self.base_lrs = [cfg.lr for _ in self.opt.param_groups]
+        self.aug = None
+        if cfg.augment == "on":
+            self.aug = Augment(
+                cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase
+            )
+        self.class_weights = None
+        if cfg.class_weights == "auto":
+            k = len(self.index.classes)
+            counts = np.bincount(self.data.train.labels, minlength=k).astype(np.float64)
+            w = counts.sum() / (k * np.maximum(counts, 1))
+            self.class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
+        self.ema = _EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.step_model = self.dist.wrap_model(self.model)  # DDP: averages gradients across ranks
+        if cfg.compile:
+            self.step_model = torch.compile(self.model)
+        self.bf16 = cfg.precision == "bf16"
+        if self.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
+            log.warning(
+                "--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); expect it to be slower"
+            )
+        n = len(self.data.train.labels)
+        bs = min(cfg.batch_size, n)
+        self.batch_size = bs - bs % self.dist.world_size  # equal shards, so DDP's mean is the global mean
+        self.steps_per_epoch = (
+            n // self.batch_size
+        )  # drop the last partial batch: BN is unstable on tiny ones
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ck_dir.mkdir(exist_ok=True)
+        self.x_all = torch.from_numpy(self.data.train.images)
+        self.y_all = torch.from_numpy(self.data.train.labels)
+        if self.resuming:
+            self._restore()
 
-    x_all = torch.from_numpy(tr.images)
-    y_all = torch.from_numpy(tr.labels)
-    # The schedule is a function of (config, step): base rates come from the config, never from
-    # a restored optimizer, whose rates are already scaled (that applied the decay twice).
-    base_lrs = [cfg.lr for _ in opt.param_groups]
-    stop_reason = ""
-    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
-        model.train()
+    def _write_data_records(self) -> None:
+        ds = self.data
+        if ds.failed and self.dist.is_main:
+            lines = [f"{p}\t{r}" for p, r in ds.failed]
+            atomic_write_bytes(self.run_dir / "skipped_files.txt", ("\n".join(lines) + "\n").encode())
+            log.warning(
+                "skipped %d unreadable file(s); listed in %s (first: %s)",
+                len(lines),
+                self.run_dir / "skipped_files.txt",
+                lines[0].replace("\t", ": "),
+            )
+        if self.dist.is_main:
+            atomic_write_bytes(
+                self.run_dir / "splits.json", (json.dumps(ds.splits, indent=1) + "\n").encode()
+            )
+        if len(ds.train.labels) == 0:
+            raise TrainingError("no readable training images left after decoding; see skipped_files.txt")
+        log.info(
+            "split: train %d, val %d, test %d",
+            len(ds.train.labels),
+            len(ds.val.labels) if ds.val else 0,
+            len(ds.test.labels) if ds.test else 0,
+        )
+
+    def _restore(self) -> None:
+        path = self.dist.resume_from or self.last_path
+        raw = load_checkpoint(path, self.model, self.opt)
+        self.gen.set_state(torch.tensor(raw["gen_state"], dtype=torch.uint8))
+        self.state = TrainState.from_json(raw)
+        if not self.state.history:  # older checkpoints kept the history in history.csv only
+            hist_csv = path.parent.parent / "history.csv"
+            if hist_csv.exists():
+                with open(hist_csv) as f:
+                    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+                self.state.history = rows[: self.state.epoch]
+        for cb in self.callbacks:
+            if cb.key in self.state.callbacks:
+                cb.load_state_dict(self.state.callbacks[cb.key])
+        log.info("resuming %s from epoch %d", self.run_dir, self.state.epoch)
+        if self.ema is not None:
+            self.ema = _EMA(self.model, self.cfg.ema)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns the epoch's training logs."""
+        from tqdm import tqdm
+
+        cfg, dist = self.cfg, self.dist
+        self.model.train()
         t0 = time.time()
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(len(self.y_all), generator=self.gen)
         # Ranks share `gen` for the permutation; each draws its augmentation from its own stream.
-        aug_gen = gen
+        aug_gen = self.gen
         if dist.world_size > 1:
             aug_gen = torch.Generator().manual_seed(cfg.seed + 7919 * epoch + dist.rank)
         run_loss, run_correct, seen = 0.0, 0, 0
         bar = tqdm(
-            range(steps_per_epoch),
+            range(self.steps_per_epoch),
             desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not progress,
+            disable=not self.progress,
             leave=False,
             unit="batch",
         )
         batches = epoch_batches(
-            x_all,
-            y_all,
+            self.x_all,
+            self.y_all,
             perm,
-            bs,
-            steps_per_epoch,
-            pre,
-            aug,
+            self.batch_size,
+            self.steps_per_epoch,
+            self.pre,
+            self.aug,
             aug_gen,
             dist.rank,
             dist.world_size,
-            device=device,
+            device=self.device,
         )
-        for b, (x, yb) in zip(bar, batches):
-            f = lr_factor(cfg, state["step"], total_steps, steps_per_epoch) * plateau["scale"]
-            for g, lr0 in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr0 * f
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = step_model(x)
-            out = out.float()
-            if binary:
-                loss = F.binary_cross_entropy_with_logits(
-                    out[:, 0], yb.float(), weight=None if weights is None else weights[yb]
-                )
-                pred = (out[:, 0] > 0).long()
-            else:
-                loss = F.cross_entropy(out, yb, weight=weights, label_smoothing=cfg.label_smoothing)
-                pred = out.argmax(1)
-            finite = bool(torch.isfinite(loss))
-            if dist.world_size > 1:  # every rank must stop at the same step, or the others hang
-                finite = dist.all_reduce_sum([float(not finite)])[0] == 0
-            if not finite:
-                stop_reason = (
-                    f"loss became {loss.item()} at epoch {epoch}, batch {b}: training diverged. "
-                    f"Lower --lr (now {cfg.lr}) or check the data; the last good checkpoint is kept."
-                )
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update(model)
-            state["step"] += 1
-            run_loss += loss.item() * len(yb)
-            run_correct += int((pred == yb).sum())
-            seen += len(yb)
-            if progress and (b % 10 == 0 or b == steps_per_epoch - 1):
-                bar.set_postfix(loss=f"{run_loss / seen:.4f}", acc=f"{run_correct / seen:.4f}")
-        bar.close()
-        batches.close()  # joins the prefetch thread (a NaN stop leaves one batch pending)
-        if stop_reason:
-            log.error("TerminateOnNaN: %s", stop_reason)
-            break
+        try:
+            for b, (x, yb) in zip(bar, batches):
+                loss, pred = self.train_step(b, x, yb)
+                if loss is None:
+                    break
+                run_loss += loss * len(yb)
+                run_correct += int((pred == yb).sum())
+                seen += len(yb)
+                if self.progress and (b % 10 == 0 or b == self.steps_per_epoch - 1):
+                    bar.set_postfix(loss=f"{run_loss / seen:.4f}", acc=f"{run_correct / seen:.4f}")
+        finally:
+            bar.close()
+            batches.close()  # joins the prefetch thread (a NaN stop leaves one batch pending)
         if dist.world_size > 1:
             run_loss, run_correct, seen = dist.all_reduce_sum([run_loss, float(run_correct), float(seen)])
-        eval_model = ema.shadow if ema is not None else model
-        vm = None
-        if va and len(va.labels) and dist.is_main:
-            vm = evaluate_arrays(eval_model, va.images, va.labels, pre)
-        vm = dist.broadcast(vm)
-        row = {
+        return {
             "epoch": epoch,
             "train_loss": run_loss / max(seen, 1),
             "train_acc": run_correct / max(seen, 1),
+            "lr": self.opt.param_groups[0]["lr"],
+            "time_s": time.time() - t0,
+            "seen": seen,
+        }
+
+    def train_step(self, b: int, x: torch.Tensor, yb: torch.Tensor) -> tuple[float | None, torch.Tensor]:
+        """Forward, loss, callbacks' veto, backward, update. Returns (loss, predictions); loss None = stop."""
+        f = lr_factor(self.cfg, self.state.step, self.total_steps, self.steps_per_epoch) * self.state.lr_scale
+        for g, lr0 in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = lr0 * f
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.step_model(x)
+        out = out.float()
+        w = self.class_weights
+        if self.binary:
+            loss = F.binary_cross_entropy_with_logits(
+                out[:, 0], yb.float(), weight=None if w is None else w[yb]
+            )
+            pred = (out[:, 0] > 0).long()
+        else:
+            loss = F.cross_entropy(out, yb, weight=w, label_smoothing=self.cfg.label_smoothing)
+            pred = out.argmax(1)
+        value = loss.item()
+        self.run_callbacks("on_loss", b, value)
+        if self.state.failed:
+            return None, pred
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.state.step += 1
+        self.run_callbacks("on_batch_end", b, {"loss": value, "lr": self.opt.param_groups[0]["lr"]})
+        return value, pred
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss and accuracy of :attr:`eval_model` (NaN without a validation split)."""
+        vm = None
+        if self.has_val and self.dist.is_main:
+            vm = evaluate_arrays(self.eval_model, self.data.val.images, self.data.val.labels, self.pre)
+        vm = self.dist.broadcast(vm)
+        return {
             "val_loss": vm["loss"] if vm else float("nan"),
             "val_acc": vm["accuracy"] if vm else float("nan"),
-            "lr": opt.param_groups[0]["lr"],
-            "time_s": time.time() - t0,
         }
-        history.append(row)
-        val_part = f"  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}" if vm else ""
-        log.info(
-            "epoch %d/%d  loss %.4f  acc %.4f%s  lr %.2e  %.1fs (%.0f img/s)",
-            epoch,
-            cfg.epochs,
-            row["train_loss"],
-            row["train_acc"],
-            val_part,
-            row["lr"],
-            row["time_s"],
-            seen / max(row["time_s"], 1e-9),
+
+    def end_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+        """Record the epoch, run the callbacks, then write the resume point."""
+        row = {
+            k: logs[k] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s")
+        }
+        self.state.history.append(row)
+        self.state.epoch = epoch
+        self.run_callbacks("on_epoch_end", epoch, {**row, "seen": logs.get("seen", 0)})
+        if self.dist.is_main:
+            self.state.callbacks = {cb.key: cb.state_dict() for cb in self.callbacks}
+            save_checkpoint(self.last_path, self.model, self.opt, self.state.to_json(self.gen))
+        self.dist.end_epoch(epoch, row, self.run_dir)
+
+    def finish(self) -> TrainResult:
+        """Pick the final weights, test them, and write the bundle, metrics and plot."""
+        cfg, history, data = self.cfg, self.state.history, self.data
+        if not history:
+            raise TrainingError(self.state.stop_reason or "no epoch completed")
+        if not self.dist.is_main:
+            return TrainResult(self.run_dir, self.run_dir / "model", {}, history)
+        final = self.eval_model
+        if cfg.keep == "best" and self.best_path.exists():
+            from safetensors.torch import load_file
+
+            final.load_state_dict(load_file(str(self.best_path)))
+        final.eval()
+        best = next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        failed_reason = self.state.stop_reason if self.state.failed else ""
+        metrics: dict[str, Any] = {
+            "best_epoch": best.best_epoch if best else len(history),
+            "epochs_run": len(history),
+            "train_time_s": round(sum(h["time_s"] for h in history), 2),
+            "wall_time_s": round(time.time() - self.t_start, 2),
+            "stopped_early": bool(failed_reason) or len(history) < cfg.epochs,
+        }
+        for name, dec in (("val", data.val), ("test", data.test)):
+            if dec is not None and len(dec.labels):
+                m = evaluate_arrays(final, dec.images, dec.labels, self.pre)
+                metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
+                metrics[f"{name}_size"] = len(dec.labels)
+        if failed_reason:
+            metrics["stop_reason"] = failed_reason
+        self.run_callbacks("on_train_end", metrics)
+        final = final.cpu()  # bundles are device-free: predict/serve/export run on the CPU
+        bundle_dir = save_bundle(
+            self.run_dir / "model",
+            final,
+            self.pre,
+            self.index.classes,
+            train_config=cfg.to_dict(),
+            metrics=metrics,
+            extra={"run_dir": str(self.run_dir.resolve()), "data_source": self.index.name},
         )
-        if writer is not None:
-            for k in (
-                ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-                if vm
-                else ("train_loss", "train_acc", "lr")
-            ):
-                writer.add_scalar(k.replace("_", "/", 1) if "_" in k else k, row[k], epoch)
-            writer.flush()
-        monitor = row["val_loss"] if vm else row["train_loss"]
-        state["epoch"] = epoch
-        if monitor < state["best_val_loss"]:
-            # EarlyStopping counts only real improvements (min_delta 1e-4, as ReduceLROnPlateau)
-            if monitor < state["best_val_loss"] - 1e-4:
-                state["bad_epochs"] = 0
-            else:
-                state["bad_epochs"] += 1
-            state["best_val_loss"], state["best_epoch"] = monitor, epoch
-            from imgclf.runtime.bundle import state_dict_bytes
-
-            if dist.is_main:
-                atomic_write_bytes(ck_dir / "best.safetensors", state_dict_bytes(eval_model))
-        else:
-            state["bad_epochs"] += 1
-        if cfg.reduce_lr_patience:
-            if monitor < plateau["best"] - 1e-4:
-                plateau["best"], plateau["bad"] = monitor, 0
-            else:
-                plateau["bad"] += 1
-                if plateau["bad"] >= cfg.reduce_lr_patience:
-                    plateau["scale"] *= cfg.reduce_lr_factor
-                    plateau["bad"] = 0
-                    log.info("ReduceLROnPlateau: lr scaled by %g", plateau["scale"])
-        if dist.is_main:
-            _write_history(run_dir / "history.csv", history)
-            st = dict(state, gen_state=gen.get_state().tolist(), plateau=plateau)
-            save_checkpoint(ck_dir / "last.safetensors", model, opt, st)
-        dist.end_epoch(epoch, row, run_dir)
-        if cfg.patience and state["bad_epochs"] >= cfg.patience:
-            log.info("EarlyStopping: val loss did not improve for %d epochs", cfg.patience)
-            break
-    if writer is not None:
-        writer.close()
-
-    if not history:
-        raise TrainingError(stop_reason or "no epoch completed")
-    if not dist.is_main:
-        return TrainResult(run_dir, run_dir / "model", {}, history)
-    final = ema.shadow if ema is not None else model
-    best_path = ck_dir / "best.safetensors"
-    if cfg.keep == "best" and best_path.exists():
-        from safetensors.torch import load_file
-
-        final.load_state_dict(load_file(str(best_path)))
-    final.eval()
-    metrics: dict[str, Any] = {
-        "best_epoch": state["best_epoch"],
-        "epochs_run": len(history),
-        "train_time_s": round(sum(h["time_s"] for h in history), 2),
-        "wall_time_s": round(time.time() - t_start, 2),
-        "stopped_early": bool(stop_reason) or len(history) < cfg.epochs,
-    }
-    for name, dec in (("val", va), ("test", te)):
-        if dec is not None and len(dec.labels):
-            m = evaluate_arrays(final, dec.images, dec.labels, pre)
-            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
-            metrics[f"{name}_size"] = len(dec.labels)
-    if stop_reason:
-        metrics["stop_reason"] = stop_reason
-    final = final.cpu()  # bundles are device-free: predict/serve/export run on the CPU
-    bundle_dir = save_bundle(
-        run_dir / "model",
-        final,
-        pre,
-        classes,
-        train_config=cfg.to_dict(),
-        metrics=metrics,
-        extra={"run_dir": str(run_dir.resolve()), "data_source": index.name},
-    )
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_plot(history, run_dir / "plot.png", f"{cfg.model} on {Path(index.name).name}")
-    summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in metrics)
-    log.info("done in %.1fs: %s; bundle %s", metrics["wall_time_s"], summary, bundle_dir)
-    return TrainResult(run_dir, bundle_dir, metrics, history)
+        atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+        write_plot(history, self.run_dir / "plot.png", f"{cfg.model} on {Path(self.index.name).name}")
+        summary = ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in metrics
+        )
+        log.info("done in %.1fs: %s; bundle %s", metrics["wall_time_s"], summary, bundle_dir)
+        return TrainResult(self.run_dir, bundle_dir, metrics, history)
