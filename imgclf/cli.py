@@ -14,25 +14,23 @@ import sys
 from collections.abc import Sequence
 
 from imgclf import commands
+from imgclf.core.errors import ImgclfError
 from imgclf.core.version import __version__
 
-# Errors that are the user's to fix: shown as one line, never as a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+class UsageError(Exception):
+    """A bad command line; printed as one line like every other user error."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from imgclf.core.errors import TrainingError
-    from imgclf.core.imageio import ImageDecodeError
-    from imgclf.data.sources import DataError
-    from imgclf.models.registry import UnknownModelError
-    from imgclf.runtime.bundle import BundleError
-    from imgclf.training.config import ConfigError
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``imgclf train: error: ...``) instead of a usage dump."""
 
-    return (BundleError, ConfigError, DataError, ImageDecodeError, UnknownModelError, TrainingError)
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imgclf",
         description="Train, evaluate, explain, serve and export image classifiers.",
         epilog="Run `imgclf COMMAND --help` for each command's options.",
@@ -55,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `imgclf models | head`: the reader left; exit quietly as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except _user_errors() as e:
+    except ImgclfError as e:
         print(f"imgclf {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,17 @@ def _epoch(arrays, prefetch: bool, steps: int = 5, bs: int = 12):
     x_all, y_all, pre = arrays
     gen = torch.Generator().manual_seed(3)
     perm = torch.randperm(len(y_all), generator=gen)
-    it = T.epoch_batches(x_all, y_all, perm, bs, steps, pre, Augment(), gen, prefetch=prefetch)
+    it = T.epoch_batches(
+        x_all,
+        y_all,
+        perm,
+        bs,
+        steps,
+        pre,
+        Augment(rotation=25.0, shift=0.1, shear=0.2, zoom=0.2, flip=True),
+        gen,
+        prefetch=prefetch,
+    )
     out = list(it)
     return out, gen.get_state()
 
@@ -65,7 +75,17 @@ def test_prefetch_thread_is_joined_and_leaves_main_threads(sign_arrays) -> None:
     threads_before = torch.get_num_threads()
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(y_all), generator=gen)
-    it = T.epoch_batches(x_all, y_all, perm, 10, 5, pre, Augment(), gen, prefetch=True)
+    it = T.epoch_batches(
+        x_all,
+        y_all,
+        perm,
+        10,
+        5,
+        pre,
+        Augment(rotation=25.0, shift=0.1, shear=0.2, zoom=0.2, flip=True),
+        gen,
+        prefetch=True,
+    )
     next(it)
     next(it)
     assert any(t.name.startswith("imgclf-prefetch") for t in threading.enumerate())

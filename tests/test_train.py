@@ -148,7 +148,7 @@ def test_augmentation_changes_images_but_keeps_shape() -> None:
     from imgclf.data.augment import Augment
 
     x = torch.rand(8, 3, 24, 24) * 255
-    aug = Augment()
+    aug = Augment(rotation=25.0, shift=0.1, shear=0.2, zoom=0.2, flip=True)
     g = torch.Generator().manual_seed(0)
     y = aug(x, g)
     assert y.shape == x.shape

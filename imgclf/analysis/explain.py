@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf.analysis.visualize import overlay, png_bytes
+from imgclf.core.errors import ImgclfError
 from imgclf.core.imageio import ImageSource, open_image
 from imgclf.core.preprocess import normalize
 from imgclf.runtime.bundle import Bundle
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(ImgclfError, ValueError):
     """A class name or index that the bundle does not have."""
 
 

@@ -10,8 +10,7 @@ import types
 import typing
 from typing import Any
 
-from imgclf.training.config import HELP as KEY_HELP
-from imgclf.training.config import TrainConfig
+from imgclf.training.config import DEFAULT_RECIPE, TrainConfig
 
 NAME = "train"
 HELP = "train a model on a folder or built-in dataset into a bundle"
@@ -59,10 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         tp = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.name == "recipe":
-            from imgclf.training.recipes import DEFAULT_RECIPE
-
             default = DEFAULT_RECIPE
-        h = f"{KEY_HELP[f.name]} (default: {default})".replace("%", "%%")
+        h = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        choices = f.metadata["choices"]
         if tp is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif tp is dict or typing.get_origin(tp) is dict:
@@ -72,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         elif tp is list or typing.get_origin(tp) is list:
             p.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=h)
         else:
-            p.add_argument(flag, dest=f.name, type=tp, default=None, help=h)
+            p.add_argument(flag, dest=f.name, type=tp, default=None, choices=choices, help=h)
     p.add_argument(
         "--no-augment", dest="augment", action="store_const", const="off", help="same as --augment off"
     )

@@ -29,13 +29,16 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class Augment:
-    """rotation (deg), shift (fraction), shear (deg, as Keras), zoom (range), horizontal flip."""
+    """rotation (deg), shift (fraction), shear (deg, as Keras), zoom (range), horizontal flip.
 
-    rotation: float = 25.0
-    shift: float = 0.1
-    shear: float = 0.2
-    zoom: float = 0.2
-    flip: bool = True
+    The identity by default; the tutorial's values are declared once, as TrainConfig's defaults.
+    """
+
+    rotation: float = 0.0
+    shift: float = 0.0
+    shear: float = 0.0
+    zoom: float = 0.0
+    flip: bool = False
     erase: float = 0.0  # random-erasing probability (Zhong et al. 2017): box of 2-25 % area
     mode: str = "bilinear"  # Keras interpolates with order 1
 

@@ -1,4 +1,4 @@
-"""The one typed training configuration: defaults live here and nowhere else.
+"""The one typed training configuration: every key, its type, default, range and help, declared once.
 
 It flows CLI -> trainer -> bundle (``model.json['train_config']``). Unknown keys are
 rejected with a suggestion, as Ultralytics' cfg does.
@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,105 +19,315 @@ from typing import Any
 from imgclf.core.errors import ConfigError
 
 
+def option(
+    *,
+    help: str,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+    choices: tuple[Any, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field whose help, choices and range travel with it (``field(metadata=...)``)."""
+    md = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    return field(default=default, default_factory=default_factory, metadata=md)
+
+
+def _type_name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _accepted(f: dataclasses.Field) -> str:
+    md = f.metadata
+    if md["choices"]:
+        return ", ".join(str(c) for c in md["choices"])
+    parts = [
+        f"{op} {md[k]}"
+        for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if md[k] is not None
+    ]
+    return " and ".join(parts)
+
+
+def _check(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """``value`` for field ``f`` of type ``tp``, checked and normalised (integral floats to int)."""
+    name = f.name
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if args and optional else tp
+    origin = typing.get_origin(base) or base
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}: a value is required (got null); default is {f.default!r}")
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected true or false")
+    elif origin is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}={value!r}: expected a whole number")
+    elif origin is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{name}={value!r}: expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r}: expected a finite number")
+    elif origin is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}={value!r}: expected text")
+    elif origin is list:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        ):
+            raise ConfigError(f"{name}={value!r}: expected a list of finite numbers, e.g. [0.5, 0.5, 0.5]")
+        value = [float(v) for v in value]
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r}: expected a mapping of names to values")
+    md = f.metadata
+    if md.get("choices") and value not in md["choices"]:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(str(c) for c in md['choices'])}")
+    for v in value if isinstance(value, list) else [value]:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        for key, ok in (("ge", v >= (md.get("ge") or 0)), ("gt", v > (md.get("gt") or 0)),
+                        ("le", v <= (md.get("le") or 0)), ("lt", v < (md.get("lt") or 0))):  # fmt: skip
+            if md.get(key) is not None and not ok:
+                raise ConfigError(f"{name}={value!r}: must be in the range {_accepted(f)}")
+    return value
+
+
+# The keys ``imgclf.train`` and the CLI apply when no recipe is named: our tuned training. A
+# TrainConfig built directly applies none and says so with ``recipe="default"`` (its plain values).
+RECIPES = ("best", "tutorial", "default")
+DEFAULT_RECIPE = "best"
+MAX_HELD_OUT = 0.8  # val + test fraction above which too little is left to train on
+
+
 @dataclass
 class TrainConfig:
-    """Everything that decides a training run."""
+    """Everything that decides a training run. Each field's type, default, choices, range and help
+    are declared here once; validation, ``imgclf train`` options, ``--help`` and the docs table
+    (:func:`options_table`) are made from them."""
 
-    data: str = "digits"  # folder path, IDX folder, or built-in: mnist, fashion-mnist, digits
-    model: str | None = None  # registry name; None: lenet for greyscale built-ins, else smallervggnet
-    model_args: dict[str, Any] = field(default_factory=dict)  # extra factory kwargs, e.g. {"blocks": 2}
-    init_weights: str | None = (
-        None  # safetensors file/bundle: load matching layers (imgclf.training.transfer)
+    data: str = option(
+        default="digits",
+        help=(
+            "image folder (<dir>/<class>/<img>, or <dir>/train|val|test/<class>/<img>), a folder of IDX"
+            " files, or a built-in: mnist, fashion-mnist, digits"
+        ),
     )
-    pretrained: bool = False  # timm:<name> models only: start from timm's pretrained weights
-    out: str = "runs/train"
-    recipe: str = "default"  # default | tutorial | best (see imgclf.training.recipes)
-    epochs: int = 20
-    batch_size: int = 32
-    optimizer: str = "adam"  # adam | adamw | sgd | adadelta
-    lr: float = 1e-3
-    lr_decay: float | None = None  # Keras-style lr/(1+decay*iteration); None: lr/epochs for adam
-    schedule: str = "keras-decay"  # keras-decay | cosine | onecycle | constant
-    warmup_epochs: float = 0.0
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = True  # sgd only: Nesterov momentum (Keras' SGD default is off)
-    weight_decay: float = 0.0  # never applied to BatchNorm weights or biases
-    label_smoothing: float = 0.0
-    ema: float = 0.0  # EMA decay of weights (0 = off), e.g. 0.999
-    img_size: int | None = None  # None: the model's default input size
-    channels: int | None = None  # None: 1 for greyscale data, else 3
-    mean: list[float] | None = None  # None: (0,...) with scale 1/255, as the tutorials
-    std: list[float] | None = None
-    val_split: float = 0.2
-    test_split: float | None = None  # None: official split for built-ins, 0.2 for digits, 0 for folders
-    seed: int = 42
-    subset: int | None = None  # use at most this many training images (stratified), for quick runs
-    augment: str = "auto"  # auto (on for folders, off for built-ins) | on | off
-    rotation: float = 25.0  # degrees
-    shift: float = 0.1  # fraction of width/height
-    shear: float = 0.2  # degrees, as Keras' shear_range
-    zoom: float = 0.2
-    erase: float = 0.0  # random-erasing probability per image (0 = off)
-    flip: str = "auto"  # auto (on for folders, off for digits/MNIST) | on | off
-    patience: int = 0  # EarlyStopping on val loss; 0 = off
-    reduce_lr_patience: int = 0  # ReduceLROnPlateau on val loss; 0 = off
-    reduce_lr_factor: float = 0.1
-    keep: str = "best"  # which weights go in the bundle: best (lowest val loss) | last
-    dedup: str = "group"  # group | keep-one | off (see imgclf.analysis.doctor)
-    class_weights: str = "none"  # none | auto (inverse class frequency)
-    tensorboard: bool = True
-    workers: int = 2  # decoding threads
-    threads: int | None = None  # torch intra-op threads; None: torch's default
-    cache_dir: str | None = None  # None: $IMGCLF_CACHE_DIR or ~/.cache/imgclf
-    max_pixels: int = 100_000_000
-    compile: bool = False  # torch.compile the model
-    device: str = "cpu"  # cpu | cuda | cuda:N | mps | auto (cuda or mps when present)
-    precision: str = "fp32"  # fp32 | bf16 (autocast: conv/linear math in bfloat16) | auto
-    ray_workers: int | None = None  # data-parallel training on Ray with this many workers (imgclf[ray])
-    ray_address: str | None = None  # Ray cluster: auto, ray://host:10001; None: start a local one
-    extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific values
+    model: str | None = option(
+        default=None,
+        help="architecture from `imgclf models` (default: lenet for greyscale built-ins, else smallervggnet)",
+    )
+    model_args: dict[str, Any] = option(
+        default_factory=dict,
+        help=(
+            "extra arguments for the model factory as KEY=VALUE (values read as JSON), e.g. "
+            "--model-args blocks=2 width=16; `imgclf models` lists each model's"
+        ),
+    )
+    init_weights: str | None = option(
+        default=None,
+        help=(
+            "transfer learning: a .safetensors file, bundle or run folder whose layers with the same "
+            "name and shape are loaded before training (the classifier head is re-initialised when the "
+            "class count differs)"
+        ),
+    )
+    pretrained: bool = option(
+        default=False,
+        help=(
+            "with --model timm:<name>: start from timm's pretrained weights (needs pip install "
+            "'imgclf[timm]' and network access the first time)"
+        ),
+    )
+    out: str = option(
+        default="runs/train", help="run folder to create (model/, history.csv, metrics.json, plot.png, logs)"
+    )
+    recipe: str = option(
+        default="default",
+        help=(
+            "training recipe, filling only the keys you do not set: best (our tuned training; the "
+            "default of `imgclf train` and imgclf.train()), tutorial (the tutorial's exact settings), "
+            "default (the plain values listed here; also what a TrainConfig built directly holds)"
+        ),
+        choices=RECIPES,
+    )
+    epochs: int = option(default=20, help="number of passes over the training set", ge=1)
+    batch_size: int = option(default=32, help="images per optimisation step", ge=1)
+    optimizer: str = option(default="adam", help="optimizer", choices=("adam", "adamw", "sgd", "adadelta"))
+    lr: float = option(default=1e-3, help="initial learning rate", gt=0)
+    lr_decay: float | None = option(
+        default=None,
+        help="Keras-style decay: lr/(1+decay*step); default lr/epochs with adam, as the tutorial",
+        ge=0,
+    )
+    schedule: str = option(
+        default="keras-decay",
+        help="learning-rate schedule",
+        choices=("keras-decay", "cosine", "onecycle", "constant"),
+    )
+    warmup_epochs: float = option(
+        default=0.0, help="linear warm-up length in epochs (fractions allowed)", ge=0
+    )
+    momentum: float = option(default=0.9, help="SGD momentum", ge=0, lt=1)
+    nesterov: bool = option(default=True, help="SGD: Nesterov momentum (the tutorials' Keras SGD has it off)")
+    weight_decay: float = option(
+        default=0.0, help="L2 weight decay (not applied to BatchNorm weights or biases)", ge=0, lt=1
+    )
+    label_smoothing: float = option(default=0.0, help="cross-entropy label smoothing (0 = off)", ge=0, lt=1)
+    ema: float = option(
+        default=0.0, help="exponential moving average of weights, e.g. 0.999 (0 = off)", ge=0, lt=1
+    )
+    img_size: int | None = option(
+        default=None, help="square input side in pixels (default: the model's)", ge=8, le=4096
+    )
+    channels: int | None = option(
+        default=None, help="1 (greyscale) or 3 (RGB); default: 1 for greyscale data, else 3", choices=(1, 3)
+    )
+    mean: list[float] | None = option(default=None, help="per-channel mean subtracted after scaling to [0,1]")
+    std: list[float] | None = option(
+        default=None, help="per-channel std divided after subtracting the mean", gt=0
+    )
+    val_split: float = option(
+        default=0.2, help="fraction of training data held out for validation (stratified, seeded)", ge=0, lt=1
+    )
+    test_split: float | None = option(
+        default=None,
+        help=(
+            "fraction held out for testing (default: official split for built-ins, 0.2 for digits, 0 "
+            "for folders)"
+        ),
+        ge=0,
+        lt=1,
+    )
+    seed: int = option(default=42, help="random seed for splits, shuffling, augmentation and initialisation")
+    subset: int | None = option(
+        default=None, help="use at most this many training images (stratified); for quick runs", ge=1
+    )
+    augment: str = option(
+        default="auto",
+        help="augmentation: auto (on for folders, off for built-ins)",
+        choices=("auto", "on", "off"),
+    )
+    rotation: float = option(default=25.0, help="augmentation: max rotation in degrees", ge=0, le=180)
+    shift: float = option(default=0.1, help="augmentation: max width/height shift as a fraction", ge=0, le=1)
+    shear: float = option(
+        default=0.2, help="augmentation: max shear in degrees (Keras' shear_range)", ge=0, le=90
+    )
+    zoom: float = option(default=0.2, help="augmentation: zoom range (0.2 = 0.8x to 1.2x)", ge=0, lt=1)
+    erase: float = option(
+        default=0.0,
+        help=(
+            "augmentation: random-erasing probability (a random box of 2-25 % of the image filled with "
+            "noise; 0 = off)"
+        ),
+        ge=0,
+        le=1,
+    )
+    flip: str = option(
+        default="auto",
+        help="horizontal flip: auto (on for folders, off for built-ins)",
+        choices=("auto", "on", "off"),
+    )
+    patience: int = option(
+        default=0,
+        help="EarlyStopping: stop after this many epochs without val-loss improvement (0 = off)",
+        ge=0,
+    )
+    reduce_lr_patience: int = option(
+        default=0, help="ReduceLROnPlateau: epochs without improvement before lowering lr (0 = off)", ge=0
+    )
+    reduce_lr_factor: float = option(default=0.1, help="ReduceLROnPlateau: multiply lr by this", gt=0, lt=1)
+    keep: str = option(
+        default="best",
+        help="weights saved in the bundle: best (lowest val loss) or last",
+        choices=("best", "last"),
+    )
+    dedup: str = option(
+        default="group",
+        help="duplicate handling before splitting: group (keep copies on one side), keep-one, off",
+        choices=("group", "keep-one", "off"),
+    )
+    class_weights: str = option(
+        default="none", help="auto weights the loss by inverse class frequency", choices=("none", "auto")
+    )
+    tensorboard: bool = option(default=True, help="write TensorBoard event files")
+    workers: int = option(default=2, help="threads used to decode images", ge=1)
+    threads: int | None = option(default=None, help="PyTorch compute threads (default: all cores)", ge=1)
+    cache_dir: str | None = option(
+        default=None, help="decoded-image cache (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)"
+    )
+    max_pixels: int = option(
+        default=100_000_000, help="refuse images with more pixels than this (decompression-bomb guard)", ge=1
+    )
+    compile: bool = option(default=False, help="torch.compile the model (slower start, may train faster)")
+    device: str = option(
+        default="cpu",
+        help=(
+            "where to train: cpu (default), cuda, cuda:N, mps, or auto (a GPU when one is present); the"
+            " bundle is saved for the CPU either way"
+        ),
+    )
+    precision: str = option(
+        default="fp32",
+        help=(
+            "fp32, or bf16: convolutions and dense layers compute in bfloat16 under autocast (weights, "
+            "optimizer and the saved bundle stay float32), about 1.6-2x faster training on CPUs with "
+            "native bf16 (AVX512-BF16/AMX), slower on others; auto: bf16 when training on such a CPU, "
+            "else fp32 (the best recipe's choice)"
+        ),
+        choices=("fp32", "bf16", "auto"),
+    )
+    ray_workers: int | None = option(
+        default=None,
+        help=(
+            "train data-parallel on Ray with this many workers (DDP; needs pip install 'imgclf[ray]'); "
+            "the global batch size stays --batch-size"
+        ),
+        ge=1,
+    )
+    ray_address: str | None = option(
+        default=None,
+        help=(
+            "Ray cluster to join with --ray-workers: auto (a `ray start` cluster on this machine) or "
+            "ray://HEAD:10001; default: start a local one"
+        ),
+    )
+    extra: dict[str, Any] = option(default_factory=dict, help="recipe-specific values (config files only)")
 
     def validate(self) -> TrainConfig:
-        """Check values; raises ConfigError naming the key and the fix."""
-        choices = {
-            "optimizer": {"adam", "adamw", "sgd", "adadelta"},
-            "schedule": {"keras-decay", "cosine", "onecycle", "constant"},
-            "augment": {"auto", "on", "off"},
-            "flip": {"auto", "on", "off"},
-            "keep": {"best", "last"},
-            "dedup": {"group", "keep-one", "off"},
-            "class_weights": {"none", "auto"},
-            "recipe": {"default", "tutorial", "best"},
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {sorted(allowed)}")
-        if self.epochs < 1:
-            raise ConfigError("epochs must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
-        if not 0.0 <= self.val_split < 1.0:
-            raise ConfigError("val_split must be in [0, 1)")
-        if self.test_split is not None and not 0.0 <= self.test_split < 1.0:
-            raise ConfigError("test_split must be in [0, 1)")
-        if self.channels not in (None, 1, 3):
-            raise ConfigError("channels must be 1 or 3")
-        if self.img_size is not None and self.img_size < 8:
-            raise ConfigError("img_size must be >= 8")
-        if self.lr <= 0:
-            raise ConfigError("lr must be > 0")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ConfigError(f"precision={self.precision!r}: use fp32, bf16 or auto")
-        if not 0.0 <= self.erase <= 1.0:
-            raise ConfigError("erase must be a probability in [0, 1]")
+        """Check every value's type, choices and range, then the cross-key rules.
+
+        Raises :class:`ConfigError` naming the key, the value and what is accepted.
+        """
+        hints = typing.get_type_hints(TrainConfig)
+        for f in fields(self):
+            setattr(self, f.name, _check(f, hints[f.name], getattr(self, f.name)))
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"device={self.device!r}: use cpu, cuda, cuda:N, mps or auto")
-        if not isinstance(self.model_args, dict) or not all(isinstance(k, str) for k in self.model_args):
+        if not all(isinstance(k, str) for k in self.model_args):
             raise ConfigError(
                 f"model_args must map names to values, e.g. {{'blocks': 2}}; got {self.model_args!r}"
             )
-        if self.ray_workers is not None and self.ray_workers < 1:
-            raise ConfigError("ray_workers must be >= 1 (or leave it out to train in this process)")
+        held_out = self.val_split + (self.test_split or 0.0)
+        if held_out > MAX_HELD_OUT:
+            raise ConfigError(
+                f"val_split {self.val_split} + test_split {self.test_split} holds out {held_out:.0%} of the "
+                f"images, leaving {1 - held_out:.0%} to train on; keep the sum at or below {MAX_HELD_OUT}"
+            )
+        for key in ("mean", "std"):
+            vals = getattr(self, key)
+            if vals is not None and self.channels is not None and len(vals) != self.channels:
+                raise ConfigError(
+                    f"{key} has {len(vals)} value(s) for {self.channels} channel(s); give one per channel"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,88 +359,52 @@ class TrainConfig:
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
-        text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
+        if p.is_dir():
+            raise ConfigError(f"{p}: is a folder; give a .yaml or .json config file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config file ({e})") from None
+        import yaml
 
-            d = yaml.safe_load(text) or {}
-        else:
-            d = json.loads(text)
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                d = yaml.safe_load(text) or {}
+            else:
+                d = json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            kind = "YAML" if p.suffix.lower() in (".yaml", ".yml") else "JSON"
+            detail = " ".join(str(e).strip().splitlines()[:3])
+            raise ConfigError(f"{p}: not valid {kind} ({detail})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{p}: expected a mapping of keys to values")
-        cls.from_dict(d)  # unknown keys and bad values fail here, naming the file's key
+        try:
+            cls.from_dict(d).validate()  # unknown keys and bad values fail here
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
         return d
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# --help text of every key; the CLI builds `imgclf train` options from these and the fields.
-HELP: dict[str, str] = {
-    "data": "image folder (<dir>/<class>/<img>, or <dir>/train|val|test/<class>/<img>), "
-    "a folder of IDX files, or a built-in: mnist, fashion-mnist, digits",
-    "model": "architecture from `imgclf models` (default: lenet for greyscale built-ins, else smallervggnet)",
-    "init_weights": "transfer learning: a .safetensors file, bundle or run folder whose layers with "
-    "the same name and shape are loaded before training (the classifier head is re-initialised "
-    "when the class count differs)",
-    "pretrained": "with --model timm:<name>: start from timm's pretrained weights (needs pip install "
-    "'imgclf[timm]' and network access the first time)",
-    "out": "run folder to create (model/, history.csv, metrics.json, plot.png, logs)",
-    "recipe": "training recipe, filling only the keys you do not set: best (our tuned training; "
-    "the default for `imgclf train` and imgclf.train()), tutorial (the tutorial's exact settings), "
-    "default (the plain values listed here)",
-    "epochs": "number of passes over the training set",
-    "batch_size": "images per optimisation step",
-    "optimizer": "adam | adamw | sgd | adadelta",
-    "lr": "initial learning rate",
-    "lr_decay": "Keras-style decay: lr/(1+decay*step); default lr/epochs with adam, as the tutorial",
-    "schedule": "learning-rate schedule: keras-decay | cosine | onecycle | constant",
-    "warmup_epochs": "linear warm-up length in epochs (fractions allowed)",
-    "momentum": "SGD momentum",
-    "nesterov": "SGD: Nesterov momentum (the tutorials' Keras SGD has it off)",
-    "weight_decay": "L2 weight decay (not applied to BatchNorm weights or biases)",
-    "label_smoothing": "cross-entropy label smoothing (0 = off)",
-    "ema": "exponential moving average of weights, e.g. 0.999 (0 = off)",
-    "img_size": "square input side in pixels (default: the model's)",
-    "channels": "1 (greyscale) or 3 (RGB); default: 1 for greyscale data, else 3",
-    "mean": "per-channel mean subtracted after scaling to [0,1]",
-    "std": "per-channel std divided after subtracting the mean",
-    "val_split": "fraction of training data held out for validation (stratified, seeded)",
-    "test_split": "fraction held out for testing (default: official split for built-ins, "
-    "0.2 for digits, 0 for folders)",
-    "seed": "random seed for splits, shuffling, augmentation and initialisation",
-    "subset": "use at most this many training images (stratified); for quick runs",
-    "augment": "auto (on for folders, off for built-ins) | on | off",
-    "rotation": "augmentation: max rotation in degrees",
-    "shift": "augmentation: max width/height shift as a fraction",
-    "shear": "augmentation: max shear in degrees (Keras' shear_range)",
-    "zoom": "augmentation: zoom range (0.2 = 0.8x to 1.2x)",
-    "erase": "augmentation: random-erasing probability (a random box of 2-25 % of the image "
-    "filled with noise; 0 = off)",
-    "flip": "horizontal flip: auto (on for folders, off for built-ins) | on | off",
-    "patience": "EarlyStopping: stop after this many epochs without val-loss improvement (0 = off)",
-    "reduce_lr_patience": "ReduceLROnPlateau: epochs without improvement before lowering lr (0 = off)",
-    "reduce_lr_factor": "ReduceLROnPlateau: multiply lr by this",
-    "keep": "weights saved in the bundle: best (lowest val loss) | last",
-    "dedup": "duplicate handling before splitting: group (keep copies on one side) | keep-one | off",
-    "class_weights": "none | auto (weight the loss by inverse class frequency)",
-    "tensorboard": "write TensorBoard event files",
-    "workers": "threads used to decode images",
-    "threads": "PyTorch compute threads (default: all cores)",
-    "cache_dir": "decoded-image cache (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)",
-    "max_pixels": "refuse images with more pixels than this (decompression-bomb guard)",
-    "device": "where to train: cpu (default), cuda, cuda:N, mps, or auto (a GPU when one is "
-    "present); the bundle is saved for the CPU either way",
-    "precision": "fp32; bf16: convolutions and dense layers compute in bfloat16 under autocast "
-    "(weights, optimizer and the saved bundle stay float32), about 1.6-2x faster training on "
-    "CPUs with native bf16 (AVX512-BF16/AMX), slower on others; auto: bf16 when training on "
-    "such a CPU, else fp32 (the best recipe's choice)",
-    "compile": "torch.compile the model (slower start, may train faster)",
-    "ray_workers": "train data-parallel on Ray with this many workers (DDP; needs pip install "
-    "'imgclf[ray]'); the global batch size stays --batch-size",
-    "ray_address": "Ray cluster to join with --ray-workers: auto (a `ray start` cluster on this "
-    "machine) or ray://HEAD:10001; default: start a local one",
-    "extra": "recipe-specific values (config files only)",
-    "model_args": "extra arguments for the model factory as KEY=VALUE (values read as JSON), "
-    "e.g. --model-args blocks=2 width=16; `imgclf models` lists each model's",
-}
+HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+def options_table() -> str:
+    """The Markdown table of every key (type, default, accepted values, help), for the docs."""
+    hints = typing.get_type_hints(TrainConfig)
+    rows = ["| key | type | default | accepted | meaning |", "|---|---|---|---|---|"]
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.name == "recipe":
+            default = f"{DEFAULT_RECIPE} (CLI and imgclf.train)"
+        cells = [
+            f"`{f.name}`",
+            f"`{_type_name(hints[f.name])}`",
+            f"`{default}`",
+            _accepted(f),
+            f.metadata["help"],
+        ]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows) + "\n"

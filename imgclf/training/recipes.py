@@ -14,10 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgclf.training.config import ConfigError, TrainConfig
+from imgclf.training.config import DEFAULT_RECIPE, RECIPES, ConfigError, TrainConfig
 
-RECIPES = ("default", "tutorial", "best")
-DEFAULT_RECIPE = "best"
 GREY_BUILTINS = ("mnist", "fashion-mnist", "digits")
 
 # ----------------------------------------------------------------------------- tutorial

@@ -158,7 +158,7 @@ def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
     if cfg.lr_decay is None:
         # The tutorials' Adam(lr, decay=lr/epochs); other optimizers keep a constant rate.
         changes["lr_decay"] = cfg.lr / cfg.epochs if cfg.optimizer == "adam" else 0.0
-    return cfg.replace(**changes)
+    return cfg.replace(**changes).validate()  # e.g. --mean with one value per resolved channel
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
