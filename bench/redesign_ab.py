@@ -115,8 +115,8 @@ def main() -> None:
     print(f"{'measure':<40}{'old':>12}{'new':>12}{'new/old':>10}")
     if "accuracy" in result:
         o, n = result["accuracy"]["old"], result["accuracy"]["new"]
-        print(f"{a.row + ' test accuracy %':<40}{100 * o['test_accuracy']:>12.2f}{100 * n['test_accuracy']:>12.2f}"
-              f"{n['test_accuracy'] / o['test_accuracy']:>10.3f}")  # fmt: skip
+        oa, na = 100 * o["test_accuracy"], 100 * n["test_accuracy"]
+        print(f"{a.row + ' test accuracy %':<40}{oa:>12.2f}{na:>12.2f}{na / oa:>10.3f}")
         print(f"{a.row + ' train time s (1 core)':<40}{o['train_time_s']:>12.1f}{n['train_time_s']:>12.1f}"
               f"{n['train_time_s'] / o['train_time_s']:>10.3f}")  # fmt: skip
     for model in sp["new"]:
