@@ -94,9 +94,14 @@ def test_weights_of_wrong_architecture_are_refused(tmp_path: Path) -> None:
     m = create_model("lenet", num_classes=10)
     d = save_bundle(tmp_path / "b", m, Preprocess((28, 28), 1), [str(i) for i in range(10)])
     meta = json.loads((d / "model.json").read_text())
-    meta["architecture"]["args"]["num_classes"] = 5
+    other = create_model("minivgg", num_classes=10, in_channels=1, img_size=28)
+    meta["architecture"] = {"name": other.arch, "args": other.arch_args}
     (d / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="do not fit"):
+        load_bundle(d)
+    meta["architecture"] = {"name": m.arch, "args": {**m.arch_args, "num_classes": 5}}
+    (d / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="10 class names but the network was built for 5"):
         load_bundle(d)
 
 

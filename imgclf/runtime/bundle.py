@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import threading
@@ -27,7 +28,7 @@ from imgclf.core.files import atomic_write_bytes
 from imgclf.core.imageio import ImageSource
 from imgclf.core.preprocess import Preprocess, array_to_uint8, load_uint8, normalize
 
-log = logging.getLogger('imgclf')
+log = logging.getLogger("imgclf")
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 BACKEND_ENV = "IMGCLF_BACKEND"
@@ -252,7 +253,8 @@ def _load_onnx(p: Path, backend: str | None) -> Bundle:
         raise BundleError(str(e)) from e
     except Exception as e:  # onnx.DecodeError, ORT's InvalidGraph/Fail: all mean a bad file
         raise BundleError(f"{p}: not a loadable ONNX model ({type(e).__name__}: {e})") from e
-    pre = Preprocess.from_dict(meta["preprocess"])
+    pre = check_preprocess(meta.get("preprocess"), str(p))
+    check_classes(meta.get("classes"), str(p))
     h, w = pre.size
     if runner.input_type != "tensor(uint8)" or runner.input_shape[1:] != [h, w, pre.channels]:
         raise BundleError(
@@ -261,6 +263,82 @@ def _load_onnx(p: Path, backend: str | None) -> Bundle:
         )
     meta.update(format=FORMAT, source="onnx", input={"size": [h, w], "channels": pre.channels})
     return Bundle(p, None, pre, list(meta["classes"]), meta, backend="onnxruntime", _runner=runner)
+
+
+# Largest input side a bundle may ask for: 4096x4096x3 floats are 200 MB per image already.
+MAX_INPUT_SIDE = 4096
+RESIZE_METHODS = ("bilinear", "bicubic", "nearest", "area", "lanczos")
+
+
+def _finite_numbers(v: Any, n: int | None = None) -> bool:
+    ok = isinstance(v, list) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v
+    )
+    return ok and (n is None or len(v) == n)
+
+
+def check_preprocess(pre: Any, where: str) -> Preprocess:
+    """A bundle's or export's ``preprocess`` record, validated, as a :class:`Preprocess`."""
+    if not isinstance(pre, dict):
+        raise BundleError(f"{where}: 'preprocess' is missing or not a mapping; re-export the bundle")
+    size, ch = pre.get("size"), pre.get("channels")
+    if ch not in (1, 3):
+        raise BundleError(f"{where}: preprocess.channels={ch!r}; expected 1 or 3")
+    if not (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and 8 <= x <= MAX_INPUT_SIDE for x in size)
+    ):
+        raise BundleError(
+            f"{where}: preprocess.size={size!r}; expected [height, width], each 8..{MAX_INPUT_SIDE} pixels"
+        )
+    if pre.get("resize", "bilinear") not in RESIZE_METHODS:
+        raise BundleError(
+            f"{where}: preprocess.resize={pre.get('resize')!r}; expected one of {RESIZE_METHODS}"
+        )
+    scale = pre.get("scale", 1 / 255)
+    if not _finite_numbers([scale]) or scale <= 0:
+        raise BundleError(f"{where}: preprocess.scale={scale!r}; expected a positive number")
+    for key in ("mean", "std"):
+        if key in pre and not _finite_numbers(pre[key], ch):
+            raise BundleError(f"{where}: preprocess.{key}={pre[key]!r}; expected {ch} finite number(s)")
+    if "std" in pre and any(x <= 0 for x in pre["std"]):
+        raise BundleError(f"{where}: preprocess.std={pre['std']!r}; every value must be > 0")
+    return Preprocess.from_dict(pre)
+
+
+def check_classes(classes: Any, where: str) -> list[str]:
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise BundleError(f"{where}: 'classes' must be a list of at least 2 names; got {str(classes)[:80]}")
+    if len(set(classes)) != len(classes):
+        raise BundleError(f"{where}: 'classes' has duplicate names")
+    return list(classes)
+
+
+def check_meta(meta: dict[str, Any], where: str) -> tuple[Preprocess, list[str], dict[str, Any]]:
+    """Schema of ``model.json``: (preprocessing, class names, architecture record), or a BundleError."""
+    classes = check_classes(meta.get("classes"), where)
+    pre = check_preprocess(meta.get("preprocess"), where)
+    arch = meta.get("architecture")
+    if not (
+        isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("args"), dict)
+    ):
+        raise BundleError(
+            f"{where}: 'architecture' must be {{'name': str, 'args': {{...}}}}; re-export the bundle"
+        )
+    args = arch["args"]
+    if args.get("num_classes", len(classes)) != len(classes):
+        raise BundleError(
+            f"{where}: {len(classes)} class names but the network was built for {args.get('num_classes')}; "
+            "the classes list was edited or the bundle mixed up"
+        )
+    for key, want in (("in_channels", pre.channels), ("img_size", list(pre.size))):
+        got = args.get(key, want)
+        if (list(got) if isinstance(got, list | tuple) else got) != want:
+            raise BundleError(f"{where}: architecture.args.{key}={got!r} contradicts preprocess ({want!r})")
+    if not isinstance(meta.get("weights_sha256"), str):
+        raise BundleError(f"{where}: 'weights_sha256' is missing; re-export the bundle")
+    return pre, classes, arch
 
 
 def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
@@ -292,11 +370,14 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
         raise BundleError(f"{meta_p}: not valid JSON ({e}); the file is damaged") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{meta_p}: not an imgclf bundle (format field missing or foreign)")
+    if not isinstance(meta.get("format_version", 0), int):
+        raise BundleError(f"{meta_p}: format_version={meta.get('format_version')!r} is not a number")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise BundleError(
             f"{meta_p}: bundle format {meta['format_version']} is newer than this imgclf "
             f"supports ({FORMAT_VERSION}); upgrade imgclf"
         )
+    pre, classes, arch = check_meta(meta, str(meta_p))
     if not w_p.exists():
         raise BundleError(f"{w_p}: missing weights file")
     blob = w_p.read_bytes()
@@ -310,7 +391,11 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
         sd = load(blob)
     except (SafetensorError, ValueError, OSError) as e:
         raise BundleError(f"{w_p}: not a safetensors file ({e})") from e
-    arch = meta["architecture"]
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BundleError(
+            f"{w_p}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); retrain or re-export"
+        )
     try:
         if str(arch["name"]).startswith("timm:"):
             from imgclf.models.timm import register_timm  # timm models enter the registry on demand
@@ -319,13 +404,14 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
         model = create_model(arch["name"], **arch["args"])
     except (UnknownModelError, ConfigError) as e:  # ConfigError: timm needed but missing
         raise BundleError(f"{meta_p}: {e}") from e
+    except (TypeError, ValueError) as e:  # the factory refused the recorded arguments
+        raise BundleError(f"{meta_p}: architecture {arch['name']} with args {arch['args']}: {e}") from e
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{w_p}: weights do not fit architecture {arch['name']}: {e}") from e
     model.eval().to(memory_format=torch.channels_last)
-    pre = Preprocess.from_dict(meta["preprocess"])
-    return Bundle(d, model, pre, list(meta["classes"]), meta, backend=chosen, _auto=auto)
+    return Bundle(d, model, pre, classes, meta, backend=chosen, _auto=auto)
 
 
 def recorded_splits(bundle: Bundle) -> tuple[dict[str, list[str]] | None, Path | None]:

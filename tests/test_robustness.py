@@ -1,0 +1,137 @@
+"""Hostile or broken input: tampered bundles and bad configs give one line, never a traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from imgclf.cli import main
+from imgclf.core.errors import BundleError, ConfigError
+from imgclf.runtime.bundle import load_bundle
+from imgclf.training.config import TrainConfig
+
+
+def _tamper(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "model.json").read_text())
+    edit(meta)
+    (dst / "model.json").write_text(json.dumps(meta))
+    return dst
+
+
+def _del(*keys):
+    def edit(m):
+        d = m
+        for k in keys[:-1]:
+            d = d[k]
+        d.pop(keys[-1])
+
+    return edit
+
+
+def _set(value, *keys):
+    def edit(m):
+        d = m
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+
+    return edit
+
+
+CASES = {
+    "classes cut to 3": (lambda m: m.__setitem__("classes", m["classes"][:3]), "class names"),
+    "12 names for 10 outputs": (lambda m: m.__setitem__("classes", m["classes"] + ["x", "y"]), "class names"),
+    "duplicate class names": (lambda m: m.__setitem__("classes", ["a"] * len(m["classes"])), "duplicate"),
+    "classes not a list": (_set("abc", "classes"), "classes"),
+    "missing preprocess": (_del("preprocess"), "preprocess"),
+    "mean is text": (_set("abc", "preprocess", "mean"), "preprocess.mean"),
+    "std zero": (_set([0.0], "preprocess", "std"), "std"),
+    "size 100000x100000": (_set([100000, 100000], "preprocess", "size"), "preprocess.size"),
+    "size 0x0": (_set([0, 0], "preprocess", "size"), "preprocess.size"),
+    "channels 7": (_set(7, "preprocess", "channels"), "channels"),
+    "unknown resize": (_set("magic", "preprocess", "resize"), "resize"),
+    "bad architecture args": (
+        _set(
+            {"num_classes": 10, "in_channels": 1, "img_size": [28, 28], "width": -3}, "architecture", "args"
+        ),
+        "architecture",
+    ),  # fmt: skip
+    "architecture missing": (_del("architecture"), "architecture"),
+    "unknown architecture": (_set("nonet", "architecture", "name"), "nonet"),
+    "format_version text": (_set("abc", "format_version"), "format_version"),
+    "no sha": (_del("weights_sha256"), "weights_sha256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tampered_model_json_gives_one_clear_error(case, mnist_bundle, tmp_path, capsys) -> None:
+    edit, needle = CASES[case]
+    bad = _tamper(mnist_bundle, tmp_path / "b", edit)
+    with pytest.raises(BundleError, match=needle.replace(".", r"\.")):
+        load_bundle(bad)
+    rc = main(["predict", str(bad), __file__])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 0 and "model.json" in err
+
+
+def test_nan_weights_are_refused(mnist_bundle, tmp_path) -> None:
+    bad = tmp_path / "nan"
+    shutil.copytree(mnist_bundle, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = torch.full_like(sd[k], float("nan"))
+    save_file(sd, str(bad / "model.safetensors"))
+    meta = json.loads((bad / "model.json").read_text())
+    meta["weights_sha256"] = hashlib.sha256((bad / "model.safetensors").read_bytes()).hexdigest()
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="NaN"):
+        load_bundle(bad)
+
+
+BAD_CONFIGS = {
+    "epochs: abc": ({"epochs": "abc"}, "whole number"),
+    "lr: fast": ({"lr": "fast"}, "expected a number"),
+    "epochs: 1.7": ({"epochs": 1.7}, "whole number"),
+    "lr: null": ({"lr": None}, "required"),
+    "lr nan": ({"lr": float("nan")}, "finite"),
+    "label_smoothing 2": ({"label_smoothing": 2}, "range"),
+    "momentum -1": ({"momentum": -1}, "range"),
+    "val+test 1.2": ({"val_split": 0.6, "test_split": 0.6}, "holds out"),
+    "ema 5": ({"ema": 5}, "range"),
+    "epochs: true": ({"epochs": True}, "whole number"),
+    "subset 0": ({"subset": 0}, "range"),
+    "patience -1": ({"patience": -1}, "range"),
+    "mean for 2 of 3 channels": ({"mean": [0.1, 0.2], "channels": 3}, "one per channel"),
+    "optimizer typo": ({"optimizer": "adan"}, "not one of"),
+    "mean text": ({"mean": "abc"}, "list of finite numbers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_values_are_one_line_errors(case, tmp_path, capsys) -> None:
+    values, needle = BAD_CONFIGS[case]
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig(**values).validate()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"data": "digits", **values}))
+    rc = main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 0 and needle in err
+    assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_broken_yaml_and_cli_nan_are_one_line(tmp_path, capsys) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("epochs: [1, 2\nlr: 0.1\n")
+    assert main(["train", "--config", str(y)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML" in err and err.count("\n") == 0
+    assert main(["train", "--data", "digits", "--lr", "nan", "--out", str(tmp_path / "r")]) == 2
+    assert "finite" in capsys.readouterr().err
