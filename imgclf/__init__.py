@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from imgclf.training.callbacks import Callback
     from imgclf.training.trainer import TrainResult
 
+
 def __getattr__(name: str) -> Any:
     # imgclf.Callback without importing torch at `import imgclf`
     if name == "Callback":

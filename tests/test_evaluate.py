@@ -25,6 +25,7 @@ from imgclf.analysis.evaluate import (
     greyscale,
     hue_shift,
     select_items,
+    write_evaluation,
 )
 from imgclf.cli import main
 from imgclf.data.sources import DataError, index_source
@@ -163,6 +164,41 @@ def test_evaluate_cli_json(mnist_bundle: Path, capsys: pytest.CaptureFixture[str
     assert rc == 2 and "do not match the bundle's" in err and "Traceback" not in err
 
 
+REPORT_FILES = [
+    "metrics.json",
+    "classification_report.txt",
+    "confusion.png",
+    "misclassified.png",
+    "reliability.png",
+    "predictions.csv",
+    "report.html",
+]
+
+
+def test_eval_result_round_trips_to_report_files(mnist_bundle: Path, tmp_path: Path) -> None:
+    # A bundle path and no data: loads the bundle and evaluates on the source it records.
+    res = evaluate(str(mnist_bundle), limit=100, progress=False)
+    assert res.out_dir is None and res.files == {}
+    assert res.metrics["data"] == load_bundle(mnist_bundle).meta["data_source"]
+    assert res.selection.split == res.metrics["split"] == "test"
+    assert len(res.selection.idx) == len(res.items) == res.metrics["n_images"]
+    assert res.failed == res.metrics["failed_files"] == [] and res.bias is None and res.tta is None
+    assert res.accuracy == pytest.approx(res.correct.mean())
+    assert res.confusion.sum() == res.metrics["n_images"] and np.trace(res.confusion) == res.correct.sum()
+
+    written = write_evaluation(res, tmp_path / "ev")
+    assert [p.name for p in written] == REPORT_FILES and all(p.stat().st_size > 0 for p in written)
+    assert res.out_dir == tmp_path / "ev" and list(res.files.values()) == written
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == res.metrics
+    with open(tmp_path / "ev" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    preds = res.predictions
+    assert [r["file"] for r in rows] == res.files_rel == [p.file for p in preds]
+    assert [r["predicted"] for r in rows] == [p.predicted for p in preds]
+    assert [int(r["correct"]) for r in rows] == res.correct.astype(int).tolist()
+    assert [float(r["probability"]) for r in rows] == pytest.approx(res.confidence.tolist(), abs=1e-6)
+
+
 def test_recorded_split_is_used(sign_bundle: Path, sign_dir: Path) -> None:
     bundle = load_bundle(sign_bundle)
     index = index_source(str(sign_dir))
@@ -195,6 +231,8 @@ def test_folder_with_bad_file_still_evaluates(
     res = evaluate(bundle, str(folder), out=out, progress=False, bias=True)
     m = res.metrics
     assert m["split"] == "all" and m["n_images"] == 20
+    assert res.failed == m["failed_files"] and res.bias == m["bias"]
+    assert [p.name for p in (out / n for n in REPORT_FILES)] == [p.name for p in res.files.values()]
     bad = {f["file"]: f["reason"] for f in m["failed_files"]}
     assert set(bad) == {"3/broken.jpg", "4/truncated.jpg"}
     assert "not an image" in bad["3/broken.jpg"] and "truncated" in bad["4/truncated.jpg"]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from imgclf import cli
-from imgclf.analysis.doctor import inspect_source
+from imgclf.analysis.doctor import DoctorReport, inspect_source, summary_text, write_html, write_report
 from imgclf.data import sources as D
 from imgclf.data.dedup import NEAR_THRESHOLD, dedup_for_training
 from imgclf.training.config import TrainConfig
@@ -63,8 +63,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory, small_sign_folder) -> Path
 
 @pytest.fixture(scope="module")
 def report(planted: Path) -> dict:
-    rep, _, _ = inspect_source(str(planted), progress=False)
-    return rep
+    return inspect_source(str(planted), progress=False).to_dict()
 
 
 def _paths(entries: list[dict]) -> set[str]:
@@ -132,6 +131,36 @@ def test_cli_writes_json_html_and_table(planted: Path, tmp_path: Path, capsys: p
     assert json.loads(capsys.readouterr().out)["totals"]["unreadable"] == 2
 
 
+def test_typed_report_round_trips_to_inspect_json(planted: Path, tmp_path: Path) -> None:
+    rep = inspect_source(str(planted), progress=False)
+    assert isinstance(rep, DoctorReport)
+    written = write_report(rep, tmp_path / "rep")
+    assert [p.name for p in written] == ["inspect.json", "inspect.html"]
+    saved = json.loads((tmp_path / "rep" / "inspect.json").read_text())
+    assert saved == rep.to_dict()
+    # The typed fields say the same as the JSON.
+    assert {e.path: e.reason for e in rep.unreadable} == {e["path"]: e["reason"] for e in saved["unreadable"]}
+    assert rep.totals.images == saved["totals"]["images"] == 30
+    assert rep.per_class["2"].formats == saved["per_class"]["2"]["formats"]
+    assert [g.kind for g in rep.exact_duplicates] == ["exact", "exact"]
+    assert rep.near_duplicates[0].max_distance == saved["near_duplicates"][0]["max_distance"]
+    assert rep.label_conflicts[0].classes == ["0", "2"]
+    assert rep.imbalance.ratio == saved["imbalance"]["ratio"]
+    assert rep.problems == 2 + 1 + 0
+    # summary_text and write_html take the report or its dict alike.
+    assert summary_text(rep) == summary_text(saved)
+    write_html(saved, rep.index, tmp_path / "from_dict.html")
+    page = (tmp_path / "rep" / "inspect.html").read_text()
+    assert (tmp_path / "from_dict.html").read_text() == page
+
+
+def test_no_near_records_no_threshold(planted: Path) -> None:
+    rep = inspect_source(str(planted), near=False, progress=False)
+    assert rep.settings.near_threshold is None and rep.to_dict()["settings"]["near_threshold"] is None
+    assert rep.near_duplicates == [] and len(rep.exact_duplicates) == 2
+    assert "not checked (--no-near)" in summary_text(rep)
+
+
 def test_cli_bad_data_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["inspect", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -145,7 +174,7 @@ def test_leakage_across_predefined_split(tmp_path: Path, small_sign_folder) -> N
     src = _files(root / "train", "1")[3]
     _near_copy(src, root / "test" / "1" / "leaked.jpg", scale=0.5, quality=80)
     shutil.copy(_files(root / "train", "0")[0], root / "test" / "0" / "same.jpg")
-    rep, _, _ = inspect_source(str(root), progress=False)
+    rep = inspect_source(str(root), progress=False).to_dict()
     assert rep["splits_checked"] == ["test", "train"]
     assert _groups(rep["leakage"]) == [
         {f"train/0/{_files(root / 'train', '0')[0].name}", "test/0/same.jpg"},
@@ -182,7 +211,7 @@ def test_dedup_for_training_drops_bad_and_groups_copies(planted: Path) -> None:
 
 
 def test_training_with_dedup_group_keeps_groups_in_one_split(tmp_path: Path, small_sign_folder) -> None:
-    from imgclf.training.trainer import train
+    from imgclf.training.api import train
 
     root = small_sign_folder(tmp_path / "ds", per_class=10, classes=("0", "1"))
     planted_groups = []
@@ -230,6 +259,7 @@ def test_class_weights_auto_weights_loss_by_inverse_frequency(
     import torch.nn.functional as F
 
     from imgclf.training import trainer as T
+    from imgclf.training.api import train
 
     root = small_sign_folder(tmp_path / "ds", per_class=12, classes=("0", "1"))
     for f in _files(root, "1")[4:]:
@@ -242,7 +272,7 @@ def test_class_weights_auto_weights_loss_by_inverse_frequency(
         return real(inp, target, weight=weight, **kw)
 
     monkeypatch.setattr(T.F, "cross_entropy", spy)
-    res = T.train(
+    res = train(
         TrainConfig(
             data=str(root),
             model="lenet",
@@ -266,7 +296,7 @@ def test_class_weights_auto_weights_loss_by_inverse_frequency(
 
 def test_sign_language_digits_is_clean_except_three_big_photos(sign_dir: Path) -> None:
     """The real dataset: no unreadable files, duplicates or conflicts; three 3024x3024 photos in class 7."""
-    rep, _, _ = inspect_source(str(sign_dir), progress=False)
+    rep = inspect_source(str(sign_dir), progress=False).to_dict()
     t = rep["totals"]
     assert t["images"] == t["readable"] == 2062
     assert (t["exact_duplicate_groups"], t["near_duplicate_groups"], t["label_conflicts"]) == (0, 0, 0)

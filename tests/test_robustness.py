@@ -135,3 +135,45 @@ def test_broken_yaml_and_cli_nan_are_one_line(tmp_path, capsys) -> None:
     assert "not valid YAML" in err and err.count("\n") == 0
     assert main(["train", "--data", "digits", "--lr", "nan", "--out", str(tmp_path / "r")]) == 2
     assert "finite" in capsys.readouterr().err
+
+
+def _odd_folder(root: Path, small_sign_folder) -> Path:
+    """Real photos plus a non-UTF-8 name, a non-image with a non-UTF-8 name and a symlink loop."""
+    import os
+
+    small_sign_folder(root, per_class=10)
+    src = next((root / "0").iterdir())
+    shutil.copy(src, os.path.join(os.fsencode(root / "0"), b"caf\xe9.jpg"))
+    Path(os.fsdecode(os.path.join(os.fsencode(root / "1"), b"bad\xff.jpg"))).write_bytes(b"not an image")
+    (root / "2" / "loop").symlink_to(root / "2")
+    (root / "2" / "up").symlink_to(root)
+    return root
+
+
+def test_non_utf8_names_and_symlink_loops_train_and_predict(tmp_path, small_sign_folder, capsys) -> None:
+    import imgclf
+
+    root = _odd_folder(tmp_path / "ds", small_sign_folder)
+    res = imgclf.train(data=str(root), model="simplecnn", img_size=32, epochs=1, out=str(tmp_path / "r"))
+    skipped = (res.run_dir / "skipped_files.txt").read_bytes()
+    assert b"bad\xff.jpg\tnot an image" in skipped  # the original bytes, so the user can find the file
+    assert skipped.count(b"symbolic link loop") == 2
+    splits = json.loads((res.run_dir / "splits.json").read_text())
+    listed = [p for v in splits.values() for p in v]
+    assert len(listed) == len(set(listed)) and not any("loop" in p or "up/" in p for p in listed)
+    rc = main(["predict", str(res.run_dir), str(root) + "/**/*", "--csv", str(tmp_path / "p.csv")])
+    assert rc in (0, 1) and "Traceback" not in capsys.readouterr().err
+    rows = (tmp_path / "p.csv").read_bytes().splitlines()[1:]
+    assert len(rows) == 32  # 30 photos + the copy + the bad file, each once despite two loops in the glob
+    assert any(r.startswith(str(root / "0").encode() + b"/caf\xe9.jpg") for r in rows)
+
+
+def test_empty_class_folder_is_refused(tmp_path, small_sign_folder) -> None:
+    from imgclf.core.errors import DataError
+    from imgclf.data.sources import index_folder
+
+    root = small_sign_folder(tmp_path / "ds", per_class=3)
+    (root / "9").mkdir()
+    (root / "9" / ".hidden").write_text("x")
+    with pytest.raises(DataError, match="9 hold no files"):
+        index_folder(root)

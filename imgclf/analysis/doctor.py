@@ -1,8 +1,11 @@
 """The dataset doctor: unreadable files, format lies, odd sizes, duplicates, label conflicts, leakage.
 
 :func:`scan` reads every item once (content hash, header probe, a real decode through
-:func:`imgclf.core.imageio.open_image`, a perceptual hash); :func:`analyse` turns the scan into
-a report; :func:`dedup_for_training` is the fast path ``train`` runs before splitting.
+:func:`imgclf.core.imageio.open_image`, a perceptual hash); :func:`analyse` runs one check per
+problem (``check_*``) and returns a typed :class:`DoctorReport` whose ``to_dict()`` is
+``inspect.json``; :func:`inspect_source` does both for a ``--data`` source and
+:func:`write_report` writes inspect.json and inspect.html. The fast path ``train`` runs before
+splitting is :func:`imgclf.data.dedup.dedup_for_training`.
 
 Near-duplicates: the DCT perceptual hash of ``imagehash.phash`` with ``hash_size=16``
 (256 bits). Two images are near-duplicates when their hashes differ in at most
@@ -21,6 +24,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +42,332 @@ HUGE_PIXELS = 25_000_000  # images above this many pixels (e.g. 5000x5000) are "
 IMBALANCE_RATIO = 1.5  # largest/smallest class count above which we suggest --class-weights auto
 
 
-# --------------------------------------------------------------------------- report
+# --------------------------------------------------------------------------- typed report
 
 
-def _range(vals: list[int]) -> list[int] | None:
-    return [int(min(vals)), int(max(vals))] if vals else None
+@dataclass
+class Unreadable:
+    """A file that could not be decoded, with :class:`ImageDecodeError`'s reason and detail."""
+
+    path: str
+    cls: str
+    reason: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "class": self.cls, "reason": self.reason, "detail": self.detail}
 
 
-def imbalance(counts: dict[str, int]) -> dict[str, Any]:
+@dataclass
+class FormatMismatch:
+    """A file whose content format does not match its extension (a PNG named .gif)."""
+
+    path: str
+    cls: str
+    extension: str  # lower-case with the dot, or "(none)"
+    format: str  # the format the content sniffing found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "class": self.cls, "extension": self.extension, "format": self.format}
+
+
+@dataclass
+class SizedFile:
+    """A file and its size in pixels: a tiny/enormous image, or a member of a group."""
+
+    path: str
+    cls: str
+    size: tuple[int, int]  # (width, height)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "class": self.cls, "size": list(self.size)}
+
+
+@dataclass
+class Group:
+    """Images that are copies of each other (exact or near), possibly across classes or splits."""
+
+    kind: str  # "exact" (identical bytes) or "near" (perceptual hash within the threshold)
+    items: list[SizedFile]
+    classes: list[str]  # sorted distinct classes of the items
+    max_distance: int | None = None  # largest phash distance of a near pair; near groups only
+    splits: list[str] | None = None  # sorted distinct splits; leakage groups only
+    split_of: list[str] | None = None  # split per item; leakage groups only
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "kind": self.kind,
+            "items": [e.to_dict() for e in self.items],
+            "classes": list(self.classes),
+        }
+        if self.kind == "near":
+            d["max_distance"] = self.max_distance
+        if self.splits is not None:
+            d["splits"] = list(self.splits)
+            d["split_of"] = list(self.split_of or [])
+        return d
+
+
+@dataclass
+class ClassStats:
+    """Counts for one class (or, as :class:`Totals`, the whole source)."""
+
+    images: int = 0
+    readable: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+    width_range: list[int] | None = None  # [min, max] over readable images
+    height_range: list[int] | None = None
+    bytes: int = 0
+    unreadable: int = 0
+    extension_mismatch: int = 0
+    tiny: int = 0
+    enormous: int = 0
+    exact_duplicate_copies: int = 0  # copies beyond the first of each exact group
+    near_duplicate_images: int = 0
+    conflict_images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(ClassStats)}
+
+
+_TOTALS_KEYS = (
+    "images",
+    "readable",
+    "formats",
+    "modes",
+    "width_range",
+    "height_range",
+    "bytes",
+    "unreadable",
+    "extension_mismatch",
+    "tiny",
+    "enormous",
+    "exact_duplicate_groups",
+    "exact_duplicate_copies",
+    "near_duplicate_groups",
+    "near_duplicate_images",
+    "conflict_images",
+    "label_conflicts",
+    "leakage_groups",
+)
+
+
+@dataclass
+class Totals(ClassStats):
+    """:class:`ClassStats` over all classes, plus group counts."""
+
+    exact_duplicate_groups: int = 0
+    near_duplicate_groups: int = 0
+    label_conflicts: int = 0
+    leakage_groups: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _plain(getattr(self, k)) for k in _TOTALS_KEYS}
+
+
+@dataclass
+class Imbalance:
+    """Largest/smallest class ratio (readable images) and what to do about it."""
+
+    ratio: float | None
+    largest: str | None
+    smallest: str | None
+    suggestion: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ratio": self.ratio,
+            "largest": self.largest,
+            "smallest": self.smallest,
+            "suggestion": self.suggestion,
+        }
+
+
+@dataclass
+class Settings:
+    """The thresholds the checks used (``near_threshold`` None: near-duplicates not checked)."""
+
+    near_threshold: int | None
+    min_side: int
+    huge_pixels: int
+    near_hash: str = f"imagehash.phash hash_size={HASH_SIZE} ({HASH_SIZE**2} bits)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "near_hash": self.near_hash,
+            "near_threshold": self.near_threshold,
+            "min_side": self.min_side,
+            "huge_pixels": self.huge_pixels,
+        }
+
+
+@dataclass(eq=False)
+class DoctorReport:
+    """The dataset doctor's findings; :meth:`to_dict` is exactly ``inspect.json``.
+
+    ``index`` and ``infos`` (the source and its scan) are kept for :func:`write_html`'s
+    thumbnails; they are not part of the JSON.
+    """
+
+    source: str
+    kind: str
+    classes: list[str]
+    seconds: float
+    settings: Settings
+    totals: Totals
+    per_class: dict[str, ClassStats]
+    imbalance: Imbalance
+    unreadable: list[Unreadable]
+    extension_mismatch: list[FormatMismatch]
+    tiny: list[SizedFile]
+    enormous: list[SizedFile]
+    exact_duplicates: list[Group]
+    near_duplicates: list[Group]
+    label_conflicts: list[Group]
+    leakage: list[Group]
+    splits_checked: list[str]
+    index: D.SourceIndex | None = field(default=None, repr=False)
+    infos: list[ItemInfo] | None = field(default=None, repr=False)
+
+    @property
+    def problems(self) -> int:
+        """Unreadable files + label conflicts + leakage groups (what ``--strict`` fails on)."""
+        t = self.totals
+        return t.unreadable + t.label_conflicts + t.leakage_groups
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready report, key for key as ``inspect.json``."""
+
+        def each(xs: list[Any]) -> list[dict[str, Any]]:
+            return [x.to_dict() for x in xs]
+
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "classes": list(self.classes),
+            "seconds": self.seconds,
+            "settings": self.settings.to_dict(),
+            "totals": self.totals.to_dict(),
+            "per_class": {c: v.to_dict() for c, v in self.per_class.items()},
+            "imbalance": self.imbalance.to_dict(),
+            "unreadable": each(self.unreadable),
+            "extension_mismatch": each(self.extension_mismatch),
+            "tiny": each(self.tiny),
+            "enormous": each(self.enormous),
+            "exact_duplicates": each(self.exact_duplicates),
+            "near_duplicates": each(self.near_duplicates),
+            "label_conflicts": each(self.label_conflicts),
+            "leakage": each(self.leakage),
+            "splits_checked": list(self.splits_checked),
+        }
+
+    def to_json(self) -> str:
+        """``inspect.json``'s text."""
+        return json.dumps(self.to_dict(), indent=1) + "\n"
+
+
+def _plain(v: Any) -> Any:
+    return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else v
+
+
+def _as_dict(report: DoctorReport | dict[str, Any]) -> dict[str, Any]:
+    return report.to_dict() if isinstance(report, DoctorReport) else report
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass
+class ScanView:
+    """A scan lined up with its source: relative path, class and split per item, and the groups."""
+
+    rel: list[str]
+    cls: list[str]
+    split: np.ndarray  # split name per item ("" when none)
+    infos: list[ItemInfo]
+    groups: Groups
+
+    @classmethod
+    def of(
+        cls, index: D.SourceIndex, infos: list[ItemInfo], groups: Groups, split: np.ndarray | None = None
+    ) -> ScanView:
+        return cls(
+            rel=[index.relpath(it) for it in index.items],
+            cls=[index.classes[int(y)] for y in index.labels],
+            split=np.asarray(index.split if split is None else split, dtype=object),
+            infos=infos,
+            groups=groups,
+        )
+
+    def sized(self, i: int) -> SizedFile:
+        return SizedFile(self.rel[i], self.cls[i], (self.infos[i].width, self.infos[i].height))
+
+    def group(self, g: list[int], kind: str | None = None) -> Group:
+        """Group of items ``g``; ``kind`` None: exact when all members have the same bytes."""
+        if kind is None:
+            kind = "exact" if len({self.infos[i].digest for i in g}) == 1 else "near"
+        dist = self.groups.max_dist.get(int(self.groups.component[g[0]]), 0) if kind == "near" else None
+        return Group(kind, [self.sized(i) for i in g], sorted({self.cls[i] for i in g}), dist)
+
+
+def check_unreadable(v: ScanView) -> list[Unreadable]:
+    """Files that did not decode."""
+    return [Unreadable(v.rel[i.index], v.cls[i.index], i.error, i.detail) for i in v.infos if not i.ok]
+
+
+def check_format_mismatch(v: ScanView) -> list[FormatMismatch]:
+    """Files whose sniffed format is not one their extension allows (built-in arrays are skipped)."""
+    out = []
+    for i in v.infos:
+        ext = Path(v.rel[i.index]).suffix.lower()
+        if i.format and i.format != "array":
+            allowed = EXT_FORMATS.get(ext)
+            if allowed is None or i.format not in allowed:
+                out.append(FormatMismatch(v.rel[i.index], v.cls[i.index], ext or "(none)", i.format))
+    return out
+
+
+def check_sizes(
+    v: ScanView, min_side: int = MIN_SIDE, huge_pixels: int = HUGE_PIXELS
+) -> tuple[list[SizedFile], list[SizedFile]]:
+    """(tiny, enormous): readable images with a side below ``min_side``, or over ``huge_pixels``."""
+    ok = [i for i in v.infos if i.ok]
+    tiny = [v.sized(i.index) for i in ok if min(i.width, i.height) < min_side]
+    huge = [v.sized(i.index) for i in ok if i.width * i.height > huge_pixels]
+    return tiny, huge
+
+
+def check_duplicates(v: ScanView) -> tuple[list[Group], list[Group]]:
+    """(exact, near): byte-identical groups, and merged groups that are not just one exact group."""
+    return [v.group(g, "exact") for g in v.groups.exact], [v.group(g, "near") for g in v.groups.near]
+
+
+def check_label_conflicts(v: ScanView) -> list[Group]:
+    """Groups of copies filed under more than one class."""
+    return [v.group(g) for g in v.groups.merged if len({v.cls[i] for i in g}) > 1]
+
+
+def check_leakage(v: ScanView) -> list[Group]:
+    """Groups of copies spread over more than one split."""
+    out = []
+    for g in v.groups.merged:
+        names = sorted({str(v.split[i]) for i in g if v.split[i]})
+        if len(names) > 1:
+            grp = v.group(g)
+            grp.splits, grp.split_of = names, [str(v.split[i]) for i in g]
+            out.append(grp)
+    return out
+
+
+def imbalance(counts: dict[str, int]) -> Imbalance:
     """Largest/smallest class ratio and what to do about it."""
-    nz = {k: v for k, v in counts.items() if v > 0}
+    nz = {k: n for k, n in counts.items() if n > 0}
     if not nz:
-        return {"ratio": None, "largest": None, "smallest": None, "suggestion": "no readable images"}
+        return Imbalance(None, None, None, "no readable images")
     big, small = max(nz, key=nz.get), min(nz, key=nz.get)
     ratio = nz[big] / nz[small]
-    empty = sorted(k for k, v in counts.items() if v == 0)
+    empty = sorted(k for k, n in counts.items() if n == 0)
     if empty:
         tip = f"classes with no readable images: {', '.join(empty)}; add images or remove the folders"
     elif ratio > 10:
@@ -63,7 +378,63 @@ def imbalance(counts: dict[str, int]) -> dict[str, Any]:
         tip = "imbalanced: train with --class-weights auto"
     else:
         tip = "balanced enough; nothing to do"
-    return {"ratio": round(ratio, 3), "largest": big, "smallest": small, "suggestion": tip}
+    return Imbalance(round(ratio, 3), big, small, tip)
+
+
+def _range(vals: list[int]) -> list[int] | None:
+    return [int(min(vals)), int(max(vals))] if vals else None
+
+
+def _image_stats(infos: list[ItemInfo], stats: ClassStats) -> ClassStats:
+    """Fill images, readable, formats, modes, size ranges and bytes of ``stats`` from ``infos``."""
+    ok = [i for i in infos if i.ok]
+    stats.images, stats.readable = len(infos), len(ok)
+    stats.formats = dict(Counter(i.format for i in infos if i.format))
+    stats.modes = dict(Counter(i.mode or "?" for i in ok))
+    stats.width_range = _range([i.width for i in ok])
+    stats.height_range = _range([i.height for i in ok])
+    stats.bytes = sum(i.nbytes for i in infos)
+    return stats
+
+
+def _members(groups: list[Group], c: str) -> list[int]:
+    """Per group, how many of its items are in class ``c``."""
+    return [sum(1 for e in g.items if e.cls == c) for g in groups]
+
+
+def class_stats(v: ScanView, classes: list[str], r: DoctorReport) -> dict[str, ClassStats]:
+    """Per class: image statistics and how many of its files each check found."""
+    by_class: dict[str, list[ItemInfo]] = {c: [] for c in classes}
+    for i in v.infos:
+        by_class[v.cls[i.index]].append(i)
+    out = {}
+    for c in classes:
+        st = _image_stats(by_class[c], ClassStats())
+        st.unreadable = sum(1 for e in r.unreadable if e.cls == c)
+        st.extension_mismatch = sum(1 for e in r.extension_mismatch if e.cls == c)
+        st.tiny = sum(1 for e in r.tiny if e.cls == c)
+        st.enormous = sum(1 for e in r.enormous if e.cls == c)
+        # copies beyond the first of each group, counted in the class that holds them
+        st.exact_duplicate_copies = sum(max(0, n - 1) for n in _members(r.exact_duplicates, c))
+        st.near_duplicate_images = sum(_members(r.near_duplicates, c))
+        st.conflict_images = sum(_members(r.label_conflicts, c))
+        out[c] = st
+    return out
+
+
+def totals(v: ScanView, r: DoctorReport) -> Totals:
+    """Image statistics over the whole source and the size of each finding."""
+    t = _image_stats(v.infos, Totals())
+    t.modes = dict(Counter(i.mode for i in v.infos if i.ok and i.mode))
+    t.unreadable, t.extension_mismatch = len(r.unreadable), len(r.extension_mismatch)
+    t.tiny, t.enormous = len(r.tiny), len(r.enormous)
+    t.exact_duplicate_groups = len(r.exact_duplicates)
+    t.exact_duplicate_copies = sum(len(g.items) - 1 for g in r.exact_duplicates)
+    t.near_duplicate_groups = len(r.near_duplicates)
+    t.near_duplicate_images = sum(len(g.items) for g in r.near_duplicates)
+    t.conflict_images = sum(len(g.items) for g in r.label_conflicts)
+    t.label_conflicts, t.leakage_groups = len(r.label_conflicts), len(r.leakage)
+    return t
 
 
 def _split_of(index: D.SourceIndex, splits_file: str | None) -> np.ndarray:
@@ -90,195 +461,93 @@ def analyse(
     groups: Groups,
     *,
     split: np.ndarray | None = None,
-    threshold: int = NEAR_THRESHOLD,
+    threshold: int | None = NEAR_THRESHOLD,
     min_side: int = MIN_SIDE,
     huge_pixels: int = HUGE_PIXELS,
     seconds: float = 0.0,
-) -> dict[str, Any]:
-    """The full report (JSON-ready): per class, totals, and each problem with its files."""
-    rel = [index.relpath(it) for it in index.items]
-    cls = [index.classes[int(y)] for y in index.labels]
-    split = np.asarray(index.split if split is None else split, dtype=object)
-
-    def entry(i: int, **kw: Any) -> dict[str, Any]:
-        return {"path": rel[i], "class": cls[i], **kw}
-
-    unreadable = [entry(i.index, reason=i.error, detail=i.detail) for i in infos if not i.ok]
-    mismatch = []
-    for i in infos:
-        ext = Path(rel[i.index]).suffix.lower()
-        if i.format and i.format != "array":
-            allowed = EXT_FORMATS.get(ext)
-            if allowed is None or i.format not in allowed:
-                mismatch.append(entry(i.index, extension=ext or "(none)", format=i.format))
-    tiny = [
-        entry(i.index, size=[i.width, i.height]) for i in infos if i.ok and min(i.width, i.height) < min_side
-    ]
-    huge = [
-        entry(i.index, size=[i.width, i.height]) for i in infos if i.ok and i.width * i.height > huge_pixels
-    ]
-
-    def group_entry(g: list[int], kind: str) -> dict[str, Any]:
-        d = {
-            "kind": kind,
-            "items": [entry(i, size=[infos[i].width, infos[i].height]) for i in g],
-            "classes": sorted({cls[i] for i in g}),
-        }
-        if kind == "near":
-            d["max_distance"] = groups.max_dist.get(int(groups.component[g[0]]), 0)
-        return d
-
-    def kind_of(g: list[int]) -> str:
-        return "exact" if len({infos[i].digest for i in g}) == 1 else "near"
-
-    exact = [group_entry(g, "exact") for g in groups.exact]
-    near = [group_entry(g, "near") for g in groups.near]
-    conflicts = [group_entry(g, kind_of(g)) for g in groups.merged if len({cls[i] for i in g}) > 1]
-    leakage = []
-    for g in groups.merged:
-        names = sorted({str(split[i]) for i in g if split[i]})
-        if len(names) > 1:
-            leakage.append(
-                {**group_entry(g, kind_of(g)), "splits": names, "split_of": [str(split[i]) for i in g]}
-            )
-
-    per_class: dict[str, dict[str, Any]] = {}
-    for c in index.classes:
-        per_class[c] = {
-            "images": 0,
-            "readable": 0,
-            "formats": Counter(),
-            "modes": Counter(),
-            "widths": [],
-            "heights": [],
-            "bytes": 0,
-        }
-    for inf in infos:
-        pc = per_class[cls[inf.index]]
-        pc["images"] += 1
-        pc["bytes"] += inf.nbytes
-        if inf.format:
-            pc["formats"][inf.format] += 1
-        if inf.ok:
-            pc["readable"] += 1
-            pc["modes"][inf.mode or "?"] += 1
-            pc["widths"].append(inf.width)
-            pc["heights"].append(inf.height)
-
-    def count(lst: list[dict[str, Any]], c: str) -> int:
-        return sum(1 for e in lst if e["class"] == c)
-
-    def dup_extra(glist: list[dict[str, Any]], c: str) -> int:
-        # copies beyond the first of each group, counted in the class that holds them
-        return sum(max(0, sum(1 for e in g["items"] if e["class"] == c) - 1) for g in glist)
-
-    classes_out = {}
-    for c, pc in per_class.items():
-        classes_out[c] = {
-            "images": pc["images"],
-            "readable": pc["readable"],
-            "formats": dict(pc["formats"]),
-            "modes": dict(pc["modes"]),
-            "width_range": _range(pc["widths"]),
-            "height_range": _range(pc["heights"]),
-            "bytes": pc["bytes"],
-            "unreadable": count(unreadable, c),
-            "extension_mismatch": count(mismatch, c),
-            "tiny": count(tiny, c),
-            "enormous": count(huge, c),
-            "exact_duplicate_copies": dup_extra(exact, c),
-            "near_duplicate_images": sum(sum(1 for e in g["items"] if e["class"] == c) for g in near),
-            "conflict_images": sum(sum(1 for e in g["items"] if e["class"] == c) for g in conflicts),
-        }
-    ok = [i for i in infos if i.ok]
-    totals = {
-        "images": len(infos),
-        "readable": len(ok),
-        "formats": dict(Counter(i.format for i in infos if i.format)),
-        "modes": dict(Counter(i.mode for i in ok if i.mode)),
-        "width_range": _range([i.width for i in ok]),
-        "height_range": _range([i.height for i in ok]),
-        "bytes": sum(i.nbytes for i in infos),
-        "unreadable": len(unreadable),
-        "extension_mismatch": len(mismatch),
-        "tiny": len(tiny),
-        "enormous": len(huge),
-        "exact_duplicate_groups": len(exact),
-        "exact_duplicate_copies": sum(len(g["items"]) - 1 for g in exact),
-        "near_duplicate_groups": len(near),
-        "near_duplicate_images": sum(len(g["items"]) for g in near),
-        "conflict_images": sum(len(g["items"]) for g in conflicts),
-        "label_conflicts": len(conflicts),
-        "leakage_groups": len(leakage),
-    }
-    return {
-        "source": index.name,
-        "kind": index.kind,
-        "classes": list(index.classes),
-        "seconds": round(seconds, 3),
-        "settings": {
-            "near_hash": f"imagehash.phash hash_size={HASH_SIZE} ({HASH_SIZE**2} bits)",
-            "near_threshold": threshold,
-            "min_side": min_side,
-            "huge_pixels": huge_pixels,
-        },
-        "totals": totals,
-        "per_class": classes_out,
-        "imbalance": imbalance({c: v["readable"] for c, v in classes_out.items()}),
-        "unreadable": unreadable,
-        "extension_mismatch": mismatch,
-        "tiny": tiny,
-        "enormous": huge,
-        "exact_duplicates": exact,
-        "near_duplicates": near,
-        "label_conflicts": conflicts,
-        "leakage": leakage,
-        "splits_checked": sorted({str(s) for s in split if s}),
-    }
+) -> DoctorReport:
+    """Run every check on a scan; ``threshold`` None records that near-duplicates were not checked."""
+    v = ScanView.of(index, infos, groups, split)
+    tiny, huge = check_sizes(v, min_side, huge_pixels)
+    exact, near = check_duplicates(v)
+    r = DoctorReport(
+        source=index.name,
+        kind=index.kind,
+        classes=list(index.classes),
+        seconds=round(seconds, 3),
+        settings=Settings(threshold, min_side, huge_pixels),
+        totals=Totals(),
+        per_class={},
+        imbalance=Imbalance(None, None, None, ""),
+        unreadable=check_unreadable(v),
+        extension_mismatch=check_format_mismatch(v),
+        tiny=tiny,
+        enormous=huge,
+        exact_duplicates=exact,
+        near_duplicates=near,
+        label_conflicts=check_label_conflicts(v),
+        leakage=check_leakage(v),
+        splits_checked=sorted({str(s) for s in v.split if s}),
+        index=index,
+        infos=infos,
+    )
+    r.per_class = class_stats(v, r.classes, r)
+    r.totals = totals(v, r)
+    r.imbalance = imbalance({c: st.readable for c, st in r.per_class.items()})
+    return r
 
 
 def inspect_source(
-    spec: str,
+    spec: str | Path,
     *,
     near: bool = True,
     threshold: int = NEAR_THRESHOLD,
-    splits_file: str | None = None,
+    splits_file: str | Path | None = None,
     workers: int = 2,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     min_side: int = MIN_SIDE,
     huge_pixels: int = HUGE_PIXELS,
     cache_dir: str | None = None,
     progress: bool = True,
-) -> tuple[dict[str, Any], D.SourceIndex, list[ItemInfo]]:
-    """Index, scan and analyse a ``--data`` source; returns (report, index, scan)."""
+) -> DoctorReport:
+    """Index, scan and analyse a ``--data`` source (the scan stays on ``report.index``/``.infos``)."""
     t0 = time.perf_counter()
-    index = D.index_source(spec, cache_dir)
-    split = _split_of(index, splits_file)
+    index = D.index_source(str(spec), cache_dir)
+    split = _split_of(index, str(splits_file) if splits_file else None)
     infos = scan(index, near=near, workers=workers, max_pixels=max_pixels, progress=progress)
     groups = find_groups(infos, near=near, threshold=threshold, progress=progress)
-    report = analyse(
+    return analyse(
         index,
         infos,
         groups,
         split=split,
-        threshold=threshold,
+        threshold=threshold if near else None,
         min_side=min_side,
         huge_pixels=huge_pixels,
         seconds=time.perf_counter() - t0,
     )
-    if not near:
-        report["settings"]["near_threshold"] = None
-    return report, index, infos
 
 
-# --------------------------------------------------------------------------- training hook
+def write_report(
+    report: DoctorReport, out_dir: str | Path, *, html: bool = True, progress: bool = False
+) -> list[Path]:
+    """Write ``inspect.json`` (and ``inspect.html`` unless ``html`` is False) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "inspect.json"]
+    paths[0].write_text(report.to_json())
+    if html:
+        paths.append(out / "inspect.html")
+        write_html(report, None, paths[1], progress=progress)
+    return paths
 
 
 # --------------------------------------------------------------------------- outputs
 
 
-def summary_text(report: dict[str, Any], max_list: int = 10) -> str:
+def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> str:
     """The human summary: a per-class table, then each problem with up to ``max_list`` files."""
+    report = _as_dict(report)
     cols = [
         ("class", None),
         ("images", "images"),
@@ -390,14 +659,23 @@ def _thumb(index: D.SourceIndex, i: int, side: int = 96) -> str:
 
 
 def write_html(
-    report: dict[str, Any],
-    index: D.SourceIndex,
+    report: DoctorReport | dict[str, Any],
+    index: D.SourceIndex | None,
     path: str | Path,
     max_groups: int = 200,
     progress: bool = False,
 ) -> None:
-    """A self-contained page (no network): the class table and thumbnails of each group."""
+    """A self-contained page (no network): the class table and thumbnails of each group.
+
+    ``index`` None: the source kept on the :class:`DoctorReport`.
+    """
     from tqdm import tqdm
+
+    if index is None:
+        index = report.index if isinstance(report, DoctorReport) else None
+        if index is None:
+            raise ValueError("write_html needs the source index for a report given as a dict")
+    report = _as_dict(report)
 
     pos = {index.relpath(it): i for i, it in enumerate(index.items)}
     esc = html.escape

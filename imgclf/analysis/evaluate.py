@@ -1,5 +1,9 @@
 """Evaluate a bundle on a data source: metrics, plots, a self-contained HTML report.
 
+:func:`evaluate` computes an :class:`EvalResult`; :func:`write_evaluation` writes metrics.json,
+classification_report.txt, confusion.png, misclassified.png, reliability.png, predictions.csv
+and report.html from it.
+
 Data flows through the same code as training: :func:`imgclf.data.sources.index_source` lists the
 items, the run's recorded ``splits.json`` (or the dataset's official split) picks them,
 :func:`imgclf.data.sources.decode_items` decodes them with the bundle's preprocessing, and
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.data import sources as D
-from imgclf.runtime.bundle import Bundle, recorded_splits
+from imgclf.runtime.bundle import Bundle, load_bundle, recorded_splits
 
 log = logging.getLogger("imgclf")
 
@@ -44,13 +48,82 @@ class Selection:
 
 
 @dataclass
+class ImagePrediction:
+    """One evaluated image: file (relative to the source), true and predicted class, probabilities."""
+
+    file: str
+    true: str
+    predicted: str
+    probability: float  # of the predicted class
+    true_probability: float
+
+    @property
+    def correct(self) -> bool:
+        return self.true == self.predicted
+
+
+@dataclass(eq=False)
 class EvalResult:
+    """What :func:`evaluate` computed; :func:`write_evaluation` turns it into the report files.
+
+    ``metrics`` is exactly what ``metrics.json`` holds. ``probs``, ``labels``, ``items``, ``files_rel``
+    and ``positions`` are aligned per evaluated image. ``out_dir``/``files`` are set once written.
+    """
+
     metrics: dict[str, Any]
-    out_dir: Path | None
-    files: dict[str, Path]
-    probs: np.ndarray
-    labels: np.ndarray
-    items: list[str]
+    probs: np.ndarray  # (N, K) class probabilities
+    labels: np.ndarray  # (N,) true class indices
+    items: list[str]  # item ids (paths, or e.g. "mnist:test:17")
+    files_rel: list[str]  # item paths relative to the source, as in predictions.csv
+    positions: np.ndarray  # (N,) each image's position in ``index.items``
+    classes: list[str]
+    selection: Selection
+    failed: list[dict[str, str]]  # {"file", "reason"}: unreadable files, left out
+    bundle: Bundle = field(repr=False)
+    index: D.SourceIndex = field(repr=False)
+    tta: str | None = None  # the view set used, None without test-time augmentation
+    bias: dict[str, Any] | None = None  # the colour-bias probe, when asked for
+    out_dir: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)  # file name -> path, once written
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """(N,) predicted class indices."""
+        return self.probs.argmax(1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """(N,) top-1 probabilities."""
+        return self.probs.max(1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """(N,) bool: prediction equals the true class."""
+        return self.predicted == self.labels
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """(K, K) counts; rows are true classes, columns predicted."""
+        return np.asarray(self.metrics["confusion_matrix"], dtype=np.int64)
+
+    @property
+    def predictions(self) -> list[ImagePrediction]:
+        """One record per evaluated image, in evaluation order (the rows of predictions.csv)."""
+        pred, conf = self.predicted, self.confidence
+        return [
+            ImagePrediction(
+                file=f,
+                true=self.classes[int(y)],
+                predicted=self.classes[int(p)],
+                probability=float(c),
+                true_probability=float(self.probs[j, int(y)]),
+            )
+            for j, (f, y, p, c) in enumerate(zip(self.files_rel, self.labels, pred, conf))
+        ]
 
 
 # --------------------------------------------------------------------------- selection
@@ -259,7 +332,7 @@ def bias_probe(bundle: Bundle, images: np.ndarray, labels: np.ndarray) -> dict[s
     }
 
 
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- compute
 
 
 def _predict(
@@ -281,20 +354,52 @@ def _predict(
     return np.concatenate(outs) if outs else np.zeros((0, len(bundle.classes)), dtype=np.float32)
 
 
-def _history(run_dir: Path) -> list[dict[str, str]]:
-    p = run_dir / "history.csv"
-    if not p.exists():
-        return []
-    try:
-        with open(p, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError:
-        return []
+def _index_matching(bundle: Bundle, data: str, cache_dir: str | None) -> D.SourceIndex:
+    """Index ``data``; its classes must be the bundle's, in the same order."""
+    index = D.index_source(data, cache_dir)
+    if list(index.classes) != list(bundle.classes):
+        extra = sorted(set(index.classes) - set(bundle.classes))
+        raise D.DataError(
+            f"{data}: classes {index.classes} do not match the bundle's {bundle.classes}"
+            + (f" (unknown to the model: {extra})" if extra else "")
+            + ". Evaluate on data with the same class folders the model was trained on."
+        )
+    return index
+
+
+def _data_spec(bundle: Bundle, data: str | Path | None) -> str:
+    """``data`` as a string; None means the source recorded in the bundle."""
+    if data is None:
+        data = bundle.meta.get("data_source")
+        if not data:
+            raise D.DataError(
+                f"{bundle.path}: the bundle records no data source; give the data to evaluate on"
+            )
+    return str(data)
+
+
+def _select(
+    bundle: Bundle, index: D.SourceIndex, split: str | None, limit: int | None, seed: int
+) -> Selection:
+    """:func:`select_items`, then a stratified sample of at most ``limit`` items."""
+    sel = select_items(bundle, index, split)
+    if limit and len(sel.idx) > limit:
+        sel.idx = sel.idx[D.stratified_subset(index.labels[sel.idx], limit, seed)]
+        sel.note += f"; a stratified sample of {len(sel.idx)}"
+    return sel
+
+
+def _resolve_tta(bundle: Bundle, tta: str | None) -> str | None:
+    if not tta:
+        return None
+    from imgclf.runtime.tta import auto_views
+
+    return auto_views(bundle) if tta == "auto" else tta
 
 
 def evaluate(
-    bundle: Bundle,
-    data: str,
+    bundle: Bundle | str | Path,
+    data: str | Path | None = None,
     *,
     split: str | None = None,
     out: str | Path | None = None,
@@ -308,37 +413,28 @@ def evaluate(
     seed: int = 42,
     tta: str | None = None,
 ) -> EvalResult:
-    """Evaluate ``bundle`` on ``data``; with ``out`` write metrics, plots, CSV and report.html there.
+    """Evaluate ``bundle`` (a Bundle, or a bundle/run folder to load) on ``data``.
 
+    ``data`` None: the source recorded in the bundle (``model.json``'s ``data_source``).
+    ``split``: see :func:`select_items`. ``limit``: a stratified sample of at most that many images.
     ``tta``: average over test-time-augmented views (a name from :data:`imgclf.runtime.tta.VIEW_SETS`;
-    ``auto`` follows the bundle's training augmentation).
+    ``auto`` follows the bundle's training augmentation). ``bias``: add the colour-bias probe.
+    With ``out``, also :func:`write_evaluation` there (``n_wrong`` images in misclassified.png).
     """
-    from imgclf.analysis import visualize as V
-
-    index = D.index_source(data, cache_dir)
-    if list(index.classes) != list(bundle.classes):
-        extra = sorted(set(index.classes) - set(bundle.classes))
-        raise D.DataError(
-            f"{data}: classes {index.classes} do not match the bundle's {bundle.classes}"
-            + (f" (unknown to the model: {extra})" if extra else "")
-            + ". Evaluate on data with the same class folders the model was trained on."
-        )
-    sel = select_items(bundle, index, split)
-    idx = sel.idx
-    if limit and len(idx) > limit:
-        idx = idx[D.stratified_subset(index.labels[idx], limit, seed)]
-        sel.note += f"; a stratified sample of {len(idx)}"
+    if isinstance(bundle, (str, Path)):
+        bundle = load_bundle(bundle)
+    data = _data_spec(bundle, data)
+    index = _index_matching(bundle, data, cache_dir)
+    sel = _select(bundle, index, split, limit, seed)
     dec = D.decode_items(
-        index, idx, bundle.pre, cache_dir=cache_dir, workers=workers, progress=progress, desc="decode"
+        index, sel.idx, bundle.pre, cache_dir=cache_dir, workers=workers, progress=progress, desc="decode"
     )
     failed = [{"file": index.relpath(it), "reason": r} for it, r in [*index.skipped, *dec.failed]]
     if len(dec.labels) == 0:
-        raise D.DataError(f"{data}: none of the {len(idx)} selected images could be read ({failed[:3]} ...)")
-    tta_name = None
-    if tta:
-        from imgclf.runtime.tta import auto_views
-
-        tta_name = auto_views(bundle) if tta == "auto" else tta
+        raise D.DataError(
+            f"{data}: none of the {len(sel.idx)} selected images could be read ({failed[:3]} ...)"
+        )
+    tta_name = _resolve_tta(bundle, tta)
     probs = _predict(bundle, dec.images, progress, tta=tta_name)
     metrics: dict[str, Any] = {
         "bundle": str(bundle.path),
@@ -354,88 +450,143 @@ def evaluate(
         metrics["missing_recorded_files"] = sel.missing
     if bias:
         metrics["bias"] = bias_probe(bundle, dec.images, dec.labels)
-    result = EvalResult(metrics, None, {}, probs, dec.labels, dec.items)
-    if out is None:
-        return result
-
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-
-    def write(name: str, blob: bytes | str) -> bytes | str:
-        p = out_dir / name
-        p.write_bytes(blob) if isinstance(blob, bytes) else p.write_text(blob)
-        files[name] = p
-        return blob
-
-    write("metrics.json", json.dumps(metrics, indent=2) + "\n")
-    report_txt = write(
-        "classification_report.txt", classification_report_text(dec.labels, probs, bundle.classes)
+    pos = {index.items[i]: int(i) for i in sel.idx}
+    result = EvalResult(
+        metrics=metrics,
+        probs=probs,
+        labels=dec.labels,
+        items=list(dec.items),
+        files_rel=[index.relpath(it) for it in dec.items],
+        positions=np.asarray([pos[it] for it in dec.items], dtype=np.int64),
+        classes=list(bundle.classes),
+        selection=sel,
+        failed=failed,
+        bundle=bundle,
+        index=index,
+        tta=tta_name,
+        bias=metrics.get("bias"),
     )
-    cm_png = write("confusion.png", V.confusion_png(np.asarray(metrics["confusion_matrix"]), bundle.classes))
+    if out is not None:
+        write_evaluation(result, out, n_wrong=n_wrong)
+    return result
 
-    pred = probs.argmax(1)
-    conf = probs.max(1)
-    pos = {it: i for i, it in zip(idx, [index.items[i] for i in idx])}
-    wrong = np.flatnonzero(pred != dec.labels)
+
+# --------------------------------------------------------------------------- write
+
+
+def _history(run_dir: Path) -> list[dict[str, str]]:
+    p = run_dir / "history.csv"
+    if not p.exists():
+        return []
+    try:
+        with open(p, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def training_curves_png(bundle: Bundle) -> bytes | None:
+    """The run's training curves (from history.csv, else its plot.png); None without a run folder."""
+    from imgclf.analysis import visualize as V
+
+    run_dir = Path(bundle.meta["run_dir"]) if bundle.meta.get("run_dir") else None
+    if run_dir is None or not run_dir.exists():
+        return None
+    hist = _history(run_dir)
+    if hist:
+        return V.history_png(hist, f"{bundle.meta['architecture']['name']} training")
+    if (run_dir / "plot.png").exists():
+        return (run_dir / "plot.png").read_bytes()
+    return None
+
+
+def misclassified_png(result: EvalResult, n_wrong: int = 25) -> bytes:
+    """Montage of the ``n_wrong`` most confidently wrong images, captioned true/predicted."""
+    from imgclf.analysis import visualize as V
+
+    pred, conf, classes = result.predicted, result.confidence, result.classes
+    wrong = np.flatnonzero(~result.correct)
+    n_errors = len(wrong)
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:n_wrong]
-    wrong_png = write(
-        "misclassified.png",
-        V.montage(
-            [V.source_image(index, pos[dec.items[j]]) for j in wrong],
-            [
-                f"true: {bundle.classes[dec.labels[j]]}\n"
-                f"pred: {bundle.classes[pred[j]]} ({conf[j] * 100:.1f}%)"
-                for j in wrong
-            ],
-            cols=min(5, max(1, len(wrong))),
-            suptitle=f"Most confidently wrong ({len(wrong)} of {int((pred != dec.labels).sum())} errors)",
-        ),
+    return V.montage(
+        [V.source_image(result.index, int(result.positions[j])) for j in wrong],
+        [
+            f"true: {classes[result.labels[j]]}\npred: {classes[pred[j]]} ({conf[j] * 100:.1f}%)"
+            for j in wrong
+        ],
+        cols=min(5, max(1, len(wrong))),
+        suptitle=f"Most confidently wrong ({len(wrong)} of {n_errors} errors)",
     )
-    rel_png = write("reliability.png", V.reliability_png(conf, (pred == dec.labels).astype(float), ECE_BINS))
 
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
+
+def reliability_png(result: EvalResult) -> bytes:
+    """Reliability diagram over :data:`ECE_BINS` bins."""
+    from imgclf.analysis import visualize as V
+
+    return V.reliability_png(result.confidence, result.correct.astype(float), ECE_BINS)
+
+
+def write_predictions_csv(result: EvalResult, path: str | Path) -> Path:
+    """One row per evaluated image, then one per unreadable file (its reason in ``error``)."""
+    path = Path(path)
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "true", "predicted", "probability", "correct", "true_probability", "error"])
-        for j, it in enumerate(dec.items):
+        for r in result.predictions:
             w.writerow(
                 [
-                    index.relpath(it),
-                    bundle.classes[dec.labels[j]],
-                    bundle.classes[pred[j]],
-                    f"{conf[j]:.6f}",
-                    int(pred[j] == dec.labels[j]),
-                    f"{probs[j, dec.labels[j]]:.6f}",
+                    r.file,
+                    r.true,
+                    r.predicted,
+                    f"{r.probability:.6f}",
+                    int(r.correct),
+                    f"{r.true_probability:.6f}",
                     "",
                 ]
             )
-        for fl in failed:
+        for fl in result.failed:
             w.writerow([fl["file"], "", "", "", "", "", fl["reason"]])
-    files["predictions.csv"] = out_dir / "predictions.csv"
+    return path
 
-    curves = None
-    run_dir = Path(bundle.meta["run_dir"]) if bundle.meta.get("run_dir") else None
-    if run_dir is not None and run_dir.exists():
-        hist = _history(run_dir)
-        if hist:
-            curves = V.history_png(hist, f"{bundle.meta['architecture']['name']} training")
-        elif (run_dir / "plot.png").exists():
-            curves = (run_dir / "plot.png").read_bytes()
 
+def write_evaluation(result: EvalResult, out_dir: str | Path, *, n_wrong: int = 25) -> list[Path]:
+    """Write the report files into ``out_dir`` (created); returns their paths.
+
+    metrics.json, classification_report.txt, confusion.png, misclassified.png, reliability.png,
+    predictions.csv, report.html. Also sets ``result.out_dir`` and ``result.files``.
+    """
+    from imgclf.analysis import visualize as V
     from imgclf.analysis.report import render_report
 
-    write(
-        "report.html",
-        render_report(
-            metrics,
-            bundle.classes,
-            confusion_png=cm_png,  # type: ignore[arg-type]
-            misclassified_png=wrong_png,  # type: ignore[arg-type]
-            reliability_png=rel_png,  # type: ignore[arg-type]
-            curves_png=curves,
-            report_text=report_txt,  # type: ignore[arg-type]
-            train_metrics=bundle.meta.get("metrics") or {},
-        ),
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+
+    def write(name: str, blob: bytes | str) -> None:
+        p = out / name
+        p.write_bytes(blob) if isinstance(blob, bytes) else p.write_text(blob)
+        files[name] = p
+
+    report_txt = classification_report_text(result.labels, result.probs, result.classes)
+    cm_png = V.confusion_png(result.confusion, result.classes)
+    wrong_png = misclassified_png(result, n_wrong)
+    rel_png = reliability_png(result)
+    write("metrics.json", json.dumps(result.metrics, indent=2) + "\n")
+    write("classification_report.txt", report_txt)
+    write("confusion.png", cm_png)
+    write("misclassified.png", wrong_png)
+    write("reliability.png", rel_png)
+    files["predictions.csv"] = write_predictions_csv(result, out / "predictions.csv")
+    html = render_report(
+        result.metrics,
+        result.classes,
+        confusion_png=cm_png,
+        misclassified_png=wrong_png,
+        reliability_png=rel_png,
+        curves_png=training_curves_png(result.bundle),
+        report_text=report_txt,
+        train_metrics=result.bundle.meta.get("metrics") or {},
     )
-    result.out_dir, result.files = out_dir, files
-    return result
+    write("report.html", html)
+    result.out_dir, result.files = out, files
+    return list(files.values())

@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from imgclf.data.sources import index_source
     from imgclf.runtime.bundle import load_bundle
     from imgclf.runtime.predict import predict_files
+    from imgclf.training.api import train
     from imgclf.training.recipes import config_from
-    from imgclf.training.trainer import train
 
     out = Path(args.out)
     if (out / "model" / "model.json").exists():

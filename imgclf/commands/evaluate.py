@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgclf.analysis.evaluate import evaluate
+    from imgclf.analysis.evaluate import evaluate, write_evaluation
     from imgclf.runtime.bundle import load_bundle
 
     bundle = load_bundle(args.bundle)
@@ -58,13 +58,14 @@ def run(args: argparse.Namespace) -> int:
         bundle,
         args.data,
         split=args.split,
-        out=args.out,
         bias=args.bias,
         limit=args.limit,
         top_k=args.top_k,
         tta=args.tta,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    if args.out is not None:
+        write_evaluation(res, args.out)
     m = res.metrics
     for f in m["failed_files"]:
         print(f"imgclf evaluate: skipped {f['file']}: {f['reason']}", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -91,10 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imgclf.analysis.doctor import inspect_source, summary_text, write_html
+    from imgclf.analysis.doctor import inspect_source, summary_text, write_report
 
     progress = not args.no_progress and sys.stderr.isatty()
-    report, index, _ = inspect_source(
+    report = inspect_source(
         args.data,
         near=not args.no_near,
         threshold=args.near_threshold,
@@ -107,10 +106,7 @@ def run(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
-        if not args.no_html:
-            write_html(report, index, out / "inspect.html", progress=progress)
+        write_report(report, out, html=not args.no_html, progress=progress)
     except OSError as e:
         print(
             f"imgclf inspect: error: cannot write the report to {out} ({e}); choose another --out",
@@ -118,11 +114,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(report.to_json(), end="")
     else:
         print(summary_text(report))
         written = "inspect.json" + ("" if args.no_html else " and inspect.html")
         print(f"\nwrote {written} to {out}")
-    t = report["totals"]
-    problems = t["unreadable"] + t["label_conflicts"] + t["leakage_groups"]
-    return 1 if args.strict and problems else 0
+    return 1 if args.strict and report.problems else 0

@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from imgclf.core.files import display_path
     from imgclf.runtime.bundle import load_bundle
     from imgclf.runtime.predict import expand_paths, predict_files
 
@@ -72,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     results = []
     for m in missing:
-        print(f"imgclf predict: {m}: no such file, folder or matching glob", file=sys.stderr)
+        print(f"imgclf predict: {display_path(m)}: no such file, folder or matching glob", file=sys.stderr)
         failed += 1
     for r in predict_files(bundle, files, top_k=top_k, batch_size=args.batch_size, tta=args.tta):
         results.append(r)
         if r.error:
             failed += 1
-            print(f"imgclf predict: {r.error}", file=sys.stderr)
+            print(f"imgclf predict: {display_path(r.error)}", file=sys.stderr)
             continue
         if args.annotate:
             from imgclf.analysis.gallery import write_annotated
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
         else:
-            print(f"{r.path}: {r.label}: {r.probability * 100:.2f}%", flush=True)
+            print(f"{display_path(r.path)}: {r.label}: {r.probability * 100:.2f}%", flush=True)
     if args.csv:
         from imgclf.runtime.predict import write_csv
 

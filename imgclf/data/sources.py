@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.core.errors import DataError
-from imgclf.core.imageio import ImageDecodeError, is_candidate_file
+from imgclf.core.files import display_path, walk_files
+from imgclf.core.imageio import ImageDecodeError
 from imgclf.core.preprocess import Preprocess, load_uint8
 
 log = logging.getLogger("imgclf")
@@ -138,15 +139,12 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-def _list_class_files(class_dir: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            p = Path(dirpath) / fn
-            if is_candidate_file(p):
-                out.append(p)
-    return out
+def _list_class_files(
+    class_dir: Path, skipped: list[tuple[str, str]], seen: set[tuple[int, int]]
+) -> list[Path]:
+    files, bad = walk_files(class_dir, seen)
+    skipped.extend(bad)
+    return files
 
 
 def index_folder(root: str | Path) -> SourceIndex:
@@ -169,9 +167,12 @@ def index_folder(root: str | Path) -> SourceIndex:
         )
     cidx = {c: i for i, c in enumerate(classes)}
     items, labels, split = [], [], []
+    skipped: list[tuple[str, str]] = []
+    # Folders above the class folders count as walked: a link back up is a loop, not more data.
+    seen = {(st.st_dev, st.st_ino) for st in (p.stat() for p in (root, *splits.values()))}
     for s, dirs in parts.items():
         for d in dirs:
-            for f in _list_class_files(d):
+            for f in _list_class_files(d, skipped, seen):
                 items.append(str(f))
                 labels.append(cidx[d.name])
                 split.append(s)
@@ -179,6 +180,13 @@ def index_folder(root: str | Path) -> SourceIndex:
         raise DataError(f"{root}: class folders {classes} contain no files.")
     if len(classes) < 2:
         raise DataError(f"{root}: found one class ({classes[0]}); a classifier needs at least two.")
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise DataError(
+            f"{root}: class folder(s) {', '.join(display_path(c) for c in empty)} hold no files; "
+            "add images or remove the folder (a class without images cannot be learnt)"
+        )
     return SourceIndex(
         name=str(root),
         kind="folder",
@@ -188,6 +196,7 @@ def index_folder(root: str | Path) -> SourceIndex:
         split=np.asarray(split, dtype=object),
         native_channels=3,
         root=str(root),
+        skipped=skipped,
     )
 
 

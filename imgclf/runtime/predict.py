@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -12,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.core.imageio import ImageDecodeError, is_candidate_file
+from imgclf.core.files import glob_files, walk_files
+from imgclf.core.imageio import ImageDecodeError
 from imgclf.runtime.bundle import Bundle
 
 
@@ -35,19 +35,25 @@ def expand_paths(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     """Files, folders (recursive, sorted) and glob patterns -> (files, inputs that matched nothing)."""
     files: list[str] = []
     missing: list[str] = []
+    seen: set[str] = set()
+
+    def add(paths: Sequence[str]) -> None:
+        # The same file reached twice (a glob through a symlink loop, overlapping inputs) counts once.
+        for f in paths:
+            real = os.path.realpath(f)
+            if real not in seen:
+                seen.add(real)
+                files.append(f)
+
     for s in inputs:
         p = Path(s)
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                files.extend(
-                    str(Path(dirpath) / f) for f in sorted(filenames) if is_candidate_file(Path(dirpath) / f)
-                )
+            add([str(f) for f in walk_files(p)[0]])
         elif p.exists():
-            files.append(str(p))
+            add([str(p)])
         elif any(c in s for c in "*?["):
-            hits = sorted(h for h in glob.glob(s, recursive=True) if Path(h).is_file())
-            files.extend(hits) if hits else missing.append(s)
+            hits = [str(h) for h in glob_files(s)]
+            add(hits) if hits else missing.append(s)
         else:
             missing.append(s)
     return files, missing
@@ -87,13 +93,12 @@ def write_csv(results: Sequence[PredictResult], path: str | Path, classes: Seque
     """One row per file: path, label, probability, verdict from the file name, top-k, error."""
     import csv
 
-
     k = max(1, min(k, len(classes)))
     header = ["path", "label", "probability", "filename_verdict"]
     for r in range(1, k + 1):
         header += [f"top{r}_label", f"top{r}_probability"]
     header.append("error")
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # keeps odd names
         w = csv.writer(f)
         w.writerow(header)
         for res in results:

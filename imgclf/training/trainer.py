@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from imgclf.core.errors import TrainingError
-from imgclf.core.files import atomic_write_bytes
+from imgclf.core.files import atomic_write_bytes, display_path, text_bytes
 from imgclf.core.preprocess import Preprocess, normalize
 from imgclf.data import sources as D
 from imgclf.data.augment import Augment
@@ -101,7 +101,7 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
         sh = _CurrentStderr()
         sh.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(sh)
-    fh = logging.FileHandler(run_dir / "train.log")
+    fh = logging.FileHandler(run_dir / "train.log", errors="backslashreplace")  # non-UTF-8 file names
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
     return fh
@@ -651,12 +651,12 @@ class Trainer:
         ds = self.data
         if ds.failed and self.dist.is_main:
             lines = [f"{p}\t{r}" for p, r in ds.failed]
-            atomic_write_bytes(self.run_dir / "skipped_files.txt", ("\n".join(lines) + "\n").encode())
+            atomic_write_bytes(self.run_dir / "skipped_files.txt", text_bytes("\n".join(lines) + "\n"))
             log.warning(
                 "skipped %d unreadable file(s); listed in %s (first: %s)",
                 len(lines),
                 self.run_dir / "skipped_files.txt",
-                lines[0].replace("\t", ": "),
+                display_path(lines[0].replace("\t", ": ")),
             )
         if self.dist.is_main:
             atomic_write_bytes(
