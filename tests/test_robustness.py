@@ -177,3 +177,36 @@ def test_empty_class_folder_is_refused(tmp_path, small_sign_folder) -> None:
     (root / "9" / ".hidden").write_text("x")
     with pytest.raises(DataError, match="9 hold no files"):
         index_folder(root)
+
+
+def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path) -> None:
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cmd(out: Path) -> list[str]:
+        args = "train --data digits --model lenet --epochs 4 --threads 1 --no-tensorboard --no-progress"
+        return [sys.executable, "-m", "imgclf", *args.split(), "--out", str(out)]
+
+    env = dict(os.environ)
+    subprocess.run(cmd(tmp_path / "ref"), check=True, capture_output=True, env=env)
+    p = subprocess.Popen(cmd(tmp_path / "k"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    last = tmp_path / "k" / "checkpoints" / "last.safetensors"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert main(["train", "--resume", str(tmp_path / "k"), "--no-progress"]) == 0
+
+    def lrs(run: Path) -> list[str]:
+        return [r["lr"] for r in csv.DictReader(open(run / "history.csv"))]
+
+    assert lrs(tmp_path / "k") == lrs(tmp_path / "ref")
+    a = json.loads((tmp_path / "ref" / "metrics.json").read_text())["test_accuracy"]
+    b = json.loads((tmp_path / "k" / "metrics.json").read_text())["test_accuracy"]
+    assert b == pytest.approx(a, abs=0.01)
+    assert not list((tmp_path / "k").rglob(".*.tmp"))
