@@ -55,7 +55,7 @@ def test_each_entry_twice_in_one_process(tmp_path: Path) -> None:
         )
     for _ in range(2):
         doc = imgclf.inspect("digits", near=False)
-        assert doc.to_dict()["total"] == 1797
+        assert doc.to_dict()["totals"]["images"] == 1797
     for r in results:
         with imgclf.serve(r.bundle_dir, port=0, background=True) as server:
             with urllib.request.urlopen(server.url + "/healthz", timeout=10) as resp:

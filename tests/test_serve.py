@@ -161,7 +161,7 @@ def test_model_failure_is_json_500_and_the_batcher_survives(bundle, sign_dir):
 
     def predict(batch: np.ndarray) -> np.ndarray:
         calls.append(len(batch))
-        if len(calls) == 2:  # call 1 is the start-up warm-up
+        if len(calls) == 3:  # calls 1-2: the start-up check and the warm-up
             raise RuntimeError("simulated inference failure")
         return bundle.predict_batch(batch)
 
@@ -350,9 +350,59 @@ def test_cli_serve_bad_bundle_is_one_line(tmp_path, capsys):
     assert cli.main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
 
 
-def test_cli_defaults_match_library():
-    from imgclf.commands import serve as cmd
-    from imgclf.serving import app as serve
+def test_cli_flags_come_from_serve_settings():
+    import dataclasses
 
-    for name in ("DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_IMAGES", "DEFAULT_MAX_QUEUE"):
-        assert getattr(cmd, name) == getattr(serve, name), name
+    from imgclf.serving.settings import ServeSettings
+
+    args = cli.build_parser().parse_args(["serve", "b"])
+    for f in dataclasses.fields(ServeSettings):
+        assert getattr(args, f.name) == f.default, f.name
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "--max-request-pixels" in help_text and "--request-timeout-s" in help_text
+
+
+def _assert_json_error(r, status: int, error: str) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == error, body
+    return body
+
+
+def test_request_pixel_budget_explain_limit_and_broken_bundle(bundle, sign_dir):
+    from imgclf.core.errors import BundleError
+
+    files = _files(sign_dir, per_class=1, classes="0123")  # 100x100 each
+    app = create_app(bundle, max_request_pixels=25_000, explain_max_pixels=5_000)
+    with TestClient(app) as c:
+        assert c.post("/v1/predict", files=_multipart(files[:2])).status_code == 200  # 20,000 pixels
+        body = _assert_json_error(
+            c.post("/v1/predict", files=_multipart(files[:3])), 413, "request too large"
+        )
+        assert "30,000 pixels" in body["detail"]
+        _assert_json_error(c.post("/v1/explain", content=files[0].read_bytes()), 413, "too many pixels")
+    broken = load_bundle(bundle.path)
+    broken.predict_batch = lambda batch: np.full((len(batch), len(broken.classes)), np.nan, np.float32)
+    with pytest.raises(BundleError, match="non-finite"):
+        create_app(broken)
+
+
+def test_slow_body_gets_408_and_a_disconnect_is_not_a_500(bundle, sign_dir):
+    app = create_app(bundle, request_timeout_s=0.5)
+    jpg = _files(sign_dir)[0].read_bytes()
+    with serve_in_thread(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        head = f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(jpg)}\r\n\r\n".encode()
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head + jpg[:100])  # ... and then nothing more
+            reply = s.recv(4096).decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 408") and "request timeout" in reply
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head + jpg[:100])
+        time.sleep(0.3)  # the client left mid-body
+        metrics = httpx.get(url + "/metrics").text
+        assert (
+            'status="500"' not in metrics
+            and 'imgclf_errors_total{error="client disconnected"} 1.0' in metrics
+        )
+        assert httpx.post(url + "/v1/predict", content=jpg).status_code == 200

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+
+from imgclf.serving.settings import ServeSettings
 
 NAME = "serve"
 HELP = "serve a bundle over HTTP (JSON API with dynamic batching, web page, /metrics)"
@@ -19,12 +22,16 @@ DESCRIPTION = (
 )
 
 
-# Same values as imgclf.serving.app's defaults (a test checks); repeated here so that `imgclf --help`
-# does not import FastAPI.
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MAX_IMAGES = 64
-DEFAULT_MAX_QUEUE = 1024
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~imgclf.serving.settings.ServeSettings` field, default and help from it."""
+    for f in dataclasses.fields(ServeSettings):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        tp = float if f.type in ("float", float) else int
+        p.add_argument(flag, dest=f.name, type=tp, default=f.default, help=f.metadata["help"])
+    p.add_argument(
+        "--max-upload-mb", type=float, default=None, help="the body limit in MiB (instead of bytes)"
+    )
+    p.add_argument("--max-pixels", dest="max_image_pixels", type=int, help=argparse.SUPPRESS)  # older name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,13 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"
     )
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-batch", type=int, default=32, help="most images per inference batch (1 = off)")
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=5.0,
-        help="longest a queued image waits for others to fill its batch",
-    )
+    add_settings_arguments(p)
     p.add_argument(
         "--workers",
         type=int,
@@ -58,25 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="compute threads per worker, for ONNX Runtime and torch (unset: ONNX Runtime gets the "
         "cores minus one, shared by the workers, so one core is left for HTTP; torch its own choice)",
-    )
-    p.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
-        help="largest request body in MiB (bigger uploads get 413)",
-    )
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="largest image in pixels (width x height) before decoding is refused with 413",
-    )
-    p.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES, help="most images in one request")
-    p.add_argument(
-        "--max-queue",
-        type=int,
-        default=DEFAULT_MAX_QUEUE,
-        help="most images waiting for inference; beyond it requests get 503",
     )
     p.add_argument(
         "--graceful-timeout",
@@ -108,28 +90,19 @@ def run(args: argparse.Namespace) -> int:
     from imgclf.runtime.onnxrt import THREADS_ENV
     from imgclf.serving.app import ENV_CONFIG, create_app
 
-    for flag, value, low in (
-        ("--max-batch", args.max_batch, 1),
-        ("--workers", args.workers, 1),
-        ("--max-images", args.max_images, 1),
-        ("--max-queue", args.max_queue, 1),
-        ("--port", args.port, 0),
-    ):
+    if args.max_upload_mb is not None:
+        args.max_upload_bytes = int(args.max_upload_mb * 2**20)
+    for flag, value, low in (("--workers", args.workers, 1), ("--port", args.port, 0)):
         if value < low:
             print(f"imgclf serve: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2
-    if args.max_wait_ms < 0 or args.max_upload_mb <= 0:
-        print("imgclf serve: error: --max-wait-ms must be >= 0 and --max-upload-mb > 0", file=sys.stderr)
+    opts: dict = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)}
+    try:
+        ServeSettings(**opts).validate()
+    except ValueError as e:
+        print(f"imgclf serve: error: --{e}", file=sys.stderr)
         return 2
-    opts = {
-        "max_batch": args.max_batch,
-        "max_wait_ms": args.max_wait_ms,
-        "max_upload_bytes": int(args.max_upload_mb * 2**20),
-        "max_pixels": args.max_pixels,
-        "max_images": args.max_images,
-        "max_queue": args.max_queue,
-        "backend": args.backend,
-    }
+    opts["backend"] = args.backend
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             f"imgclf serve: warning: binding {args.host}: the API has no authentication; "
@@ -165,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
         "port": args.port,
         "log_level": args.log_level,
         "timeout_graceful_shutdown": args.graceful_timeout,
+        # idle keep-alive connections are dropped; a header that never ends is cut at 64 KiB
+        "timeout_keep_alive": 5,
+        "h11_max_incomplete_event_size": 64 * 1024,
     }
     if args.workers == 1:
         if args.threads:

@@ -249,3 +249,14 @@ def resize(img: Image.Image, size: tuple[int, int], method: str = "bilinear") ->
 def is_candidate_file(path: Path) -> bool:
     """True for files worth trying to decode when scanning a folder (hidden files skipped)."""
     return path.is_file() and not path.name.startswith(".")
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header without decoding it; None if unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data), formats=open_formats()) as img:
+                return img.size
+    except Exception:  # noqa: BLE001 - any failure: let the real decoder report it precisely
+        return None

@@ -1,0 +1,167 @@
+"""Dynamic batching: single images from many requests gathered into batches for one inference thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_QUEUE = 1024
+
+
+class QueueFull(Exception):
+    """The batcher's bounded queue has no room for this request's images."""
+
+
+class ShuttingDown(Exception):
+    """The batcher stopped taking work because the server is shutting down."""
+
+
+_STOP = object()
+
+
+@dataclass
+class _Item:
+    image: np.ndarray
+    future: asyncio.Future
+
+
+class Batcher:
+    """Gathers single images from many requests into batches for one inference thread.
+
+    ``predict`` takes a uint8 NHWC array and returns (N, K) probabilities. The queue is bounded
+    (``max_queue`` images); :meth:`submit` raises :class:`QueueFull` instead of waiting, so an
+    overloaded server answers 503 quickly rather than building an unbounded backlog.
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        executor: ThreadPoolExecutor | None = None,
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.predict = predict
+        # One thread owns the model, so batches (and anything sent through run_exclusive, such
+        # as Grad-CAM hooks) never run on it at the same time.
+        self.executor = executor
+        self._own_executor = executor is None
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        # Unbounded underneath; the bound is checked in submit() so a multi-image request is
+        # admitted whole or not at all (the event loop is single-threaded, so no race).
+        self._queue: asyncio.Queue | None = None  # made in start(): it belongs to one event loop
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        # Requests that are decoding right now: their images are about to arrive, so waiting up
+        # to max_wait for them pays off; with none, waiting would only add latency.
+        self.incoming = 0
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        """Start the batching task on the running loop (again after :meth:`close` too)."""
+        if self._task is not None:
+            return
+        self._closing = False
+        self._queue = asyncio.Queue()
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgclf-infer")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="imgclf-batcher")
+
+    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the inference thread, between batches."""
+        if self._closing:
+            raise ShuttingDown()
+        self.start()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def submit(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Queue ``images`` and wait for their probability rows (same order)."""
+        if self._closing:
+            raise ShuttingDown()
+        self.start()  # no-op when the app's lifespan already started it
+        assert self._queue is not None
+        if self._queue.qsize() + len(images) > self.max_queue:
+            raise QueueFull()
+        loop = asyncio.get_running_loop()
+        items = [_Item(im, loop.create_future()) for im in images]
+        for it in items:
+            self._queue.put_nowait(it)
+        return list(await asyncio.gather(*(it.future for it in items)))
+
+    async def close(self) -> None:
+        """Stop taking new work, finish everything already queued, then stop the task."""
+        self._closing = True
+        if self._task is not None and self._queue is not None:
+            self._queue.put_nowait(_STOP)
+            await self._task
+            self._task = None
+        if self._own_executor and self.executor is not None:
+            self.executor.shutdown(wait=True)
+            self.executor = None
+
+    async def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
+        loop = asyncio.get_running_loop()
+        batch, stop = [first], False
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                timeout = deadline - loop.time()
+                if timeout <= 0 or self.incoming == 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), timeout)
+                except TimeoutError:
+                    break
+            if item is _STOP:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = await self._gather(first)
+            # Clients that went away (cancelled futures) cost no inference.
+            batch = [it for it in batch if not it.future.done()]
+            if batch:
+                t0 = time.perf_counter()
+                try:
+                    probs = await loop.run_in_executor(
+                        self.executor, self.predict, np.stack([it.image for it in batch])
+                    )
+                except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                    for it in batch:
+                        if not it.future.done():
+                            it.future.set_exception(e)
+                else:
+                    for it, row in zip(batch, probs):
+                        if not it.future.done():
+                            it.future.set_result(row)
+                if self.on_batch:
+                    self.on_batch(len(batch), time.perf_counter() - t0)
+            if stop:
+                return
