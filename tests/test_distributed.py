@@ -77,14 +77,14 @@ def test_two_workers_match_one_and_write_one_bundle(two_worker_run, tmp_path: Pa
 def test_predict_batch_matches_predict(two_worker_run, mnist_pngs: Path, tmp_path: Path) -> None:
     from imgclf.runtime.bundle import load_bundle
     from imgclf.runtime.predict import expand_paths, predict_files
-    from imgclf.serving.batch import predict_batch, read_predictions
+    from imgclf.serving.batch import predict_dataset, read_predictions
 
     bundle = load_bundle(two_worker_run.bundle_dir)
     files, _ = expand_paths([str(mnist_pngs)])
     expected = {str(Path(r.path).resolve()): r.label for r in predict_files(bundle, files)}
 
     out_ray = tmp_path / "ray.parquet"
-    s = predict_batch(two_worker_run.run_dir, [str(mnist_pngs)], out_ray, workers=2, chunk=1200)
+    s = predict_dataset(two_worker_run.run_dir, [str(mnist_pngs)], out_ray, workers=2, chunk=1200)
     assert (s.total, s.predicted, s.failed) == (2001, 2001, 1)
     rows = read_predictions(out_ray)
     got = {r["path"]: r["label"] for r in rows}
@@ -100,23 +100,23 @@ def test_predict_batch_matches_predict(two_worker_run, mnist_pngs: Path, tmp_pat
 
     # Local engine, resumable: first 3 classes, then everything (only the rest is predicted).
     out = tmp_path / "local.parquet"
-    part = predict_batch(bundle.path, [str(mnist_pngs / c) for c in "012"], out, chunk=300)
-    full = predict_batch(bundle.path, [str(mnist_pngs)], out, chunk=300)
+    part = predict_dataset(bundle.path, [str(mnist_pngs / c) for c in "012"], out, chunk=300)
+    full = predict_dataset(bundle.path, [str(mnist_pngs)], out, chunk=300)
     assert full.already_done == part.total and full.predicted == 2001 - part.total
     rows = read_predictions(out)
     assert len(rows) == 2001 and len({r["path"] for r in rows}) == 2001
     assert {r["path"]: r["label"] for r in rows} == expected
-    again = predict_batch(bundle.path, [str(mnist_pngs)], out)
+    again = predict_dataset(bundle.path, [str(mnist_pngs)], out)
     assert (again.predicted, again.already_done) == (0, 2001)
 
 
 def test_damaged_part_is_redone(two_worker_run, mnist_pngs: Path, tmp_path: Path) -> None:
-    from imgclf.serving.batch import parts_dir, predict_batch, read_predictions
+    from imgclf.serving.batch import parts_dir, predict_dataset, read_predictions
 
     out = tmp_path / "p.parquet"
     parts_dir(out).mkdir()
     (parts_dir(out) / "local-crashed-000000.parquet").write_bytes(b"PAR1 cut short")
-    s = predict_batch(two_worker_run.bundle_dir, [str(mnist_pngs / "7")], out)
+    s = predict_dataset(two_worker_run.bundle_dir, [str(mnist_pngs / "7")], out)
     assert s.predicted == s.total > 100
     assert len(read_predictions(out)) == s.total
 

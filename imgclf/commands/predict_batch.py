@@ -52,13 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from imgclf.data.sources import DataError
-    from imgclf.serving.batch import predict_batch
+    from imgclf.serving.batch import predict_dataset
 
     if args.workers is not None and args.workers < 1:
         raise DataError("--workers must be >= 1 (or leave it out to predict in this process)")
     if args.batch_size < 1 or args.chunk_size < 1 or args.top_k < 1:
         raise DataError("--batch-size, --chunk-size and --top-k must be >= 1")
-    summary = predict_batch(
+    summary = predict_dataset(
         args.bundle,
         args.data,
         args.out,

@@ -273,7 +273,7 @@ def _run_ray(
     return failed
 
 
-def predict_batch(
+def predict_dataset(
     bundle: str | Path,
     inputs: Sequence[str],
     out: str | Path,
