@@ -1,0 +1,145 @@
+"""The dataset suite: one named training configuration on every suite dataset, one table.
+
+Datasets (all from ../shared/datasets, each with a fixed seeded, duplicate-aware split):
+  sign      Sign Language Digits (hands on a plain background, 2,062 photos, 10 classes)
+  hymeno    hymenoptera (ants vs bees, 398 full-size photos, its own train/val folders;
+            val is split 50/50 into val and test here, seeded)
+  natural   natural-images (6,899 photos at 30 px, 8 classes)
+  fashion   Fashion-MNIST (70,000 28x28; ``--fashion-subset`` training images, official test)
+
+A configuration is a name from CONFIGS (a dict of ``imgclf.train`` keys; ``--set KEY=VALUE``
+adds more). Every default decision should be made leave-one-dataset-out: chosen on three of
+these and reported on the fourth; the table has one row per dataset for that reason.
+
+  python bench/suite.py --config tutorial-smallervggnet           # hours on 2 cores
+  python bench/suite.py --config best --datasets sign hymeno --quick   # minutes: few epochs
+
+Writes bench/results/suite-<config>.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMGCLF_SHARED", ROOT.parent / "shared" / "datasets"))
+os.environ.setdefault("IMGCLF_DATA_DIR", str(SHARED))
+sys.path.insert(0, str(ROOT))
+
+import imgclf  # noqa: E402
+
+# Folder datasets get the same seeded 70/10/20 split in every configuration (seed 42).
+SPLIT = {"val_split": 0.1, "test_split": 0.2, "seed": 42}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "best": {"recipe": "best"},
+    "tutorial-smallervggnet": {"recipe": "tutorial", "model": "smallervggnet"},
+    "tutorial-simplecnn": {"recipe": "tutorial", "model": "simplecnn"},
+    "default": {"recipe": "default"},
+}
+
+
+def _hymenoptera_split(work: Path) -> Path:
+    """hymenoptera with its val folder halved into val/test (seeded), as links: no copies of data."""
+    import random
+
+    src = SHARED / "hymenoptera"
+    dst = work / "hymenoptera"
+    if dst.exists():
+        return dst
+    rng = random.Random(42)
+    for cls in sorted(p.name for p in (src / "train").iterdir() if p.is_dir()):
+        (dst / "train" / cls).mkdir(parents=True)
+        for f in sorted((src / "train" / cls).iterdir()):
+            (dst / "train" / cls / f.name).symlink_to(f)
+        val = sorted((src / "val" / cls).iterdir())
+        rng.shuffle(val)
+        for part, files in (("val", val[: len(val) // 2]), ("test", val[len(val) // 2 :])):
+            (dst / part / cls).mkdir(parents=True)
+            for f in files:
+                (dst / part / cls / f.name).symlink_to(f)
+    return dst
+
+
+def dataset_args(name: str, work: Path, fashion_subset: int) -> dict[str, Any]:
+    if name == "sign":
+        return {"data": str(SHARED / "sign-language-digits"), **SPLIT}
+    if name == "natural":
+        return {"data": str(SHARED / "natural-images"), **SPLIT}
+    if name == "hymeno":
+        return {"data": str(_hymenoptera_split(work)), "seed": 42}
+    if name == "fashion":
+        return {"data": "fashion-mnist", "subset": fashion_subset, "seed": 42}
+    raise SystemExit(f"unknown dataset {name!r}")
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    ap.add_argument("--datasets", nargs="+", default=["sign", "hymeno", "natural", "fashion"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more imgclf.train keys")
+    ap.add_argument("--quick", action="store_true", help="3 epochs (rows marked partial)")
+    ap.add_argument("--fashion-subset", type=int, default=12000)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="imgclf-suite-"))
+    keys = {**CONFIGS[a.config], **parse_set(a.set), "tensorboard": False}
+    if a.quick:
+        keys["epochs"] = 3
+    if a.threads:
+        keys["threads"] = a.threads
+    rows = {}
+    for ds in a.datasets:
+        t0 = time.time()
+        res = imgclf.train(
+            **dataset_args(ds, work, a.fashion_subset), **keys, out=str(work / ds), progress=False
+        )
+        cfg = json.loads((res.run_dir / "config.json").read_text())
+        rows[ds] = {
+            "test_accuracy": res.metrics.get("test_accuracy"),
+            "test_size": res.metrics.get("test_size"),
+            "train_time_s": res.metrics["train_time_s"],
+            "wall_s": round(time.time() - t0, 1),
+            "epochs_run": res.metrics["epochs_run"],
+            "model": cfg["model"],
+            "img_size": cfg["img_size"],
+        }
+        print(f"{ds}: {rows[ds]}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    out = a.out or ROOT / "bench" / "results" / f"suite-{a.config}{'-quick' if a.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"config": a.config, "keys": keys, "partial": a.quick, "rows": rows, "cpu": platform.processor()}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    tag = a.config + (", partial" if a.quick else "")
+    print(f"\n| dataset | model | size | test % | epochs | train s |  ({tag})")
+    print("|---|---|---|---|---|---|")
+    for ds, r in rows.items():
+        acc = "-" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}"
+        print(
+            f"| {ds} | {r['model']} | {r['img_size']} | {acc} | {r['epochs_run']} | {r['train_time_s']:.0f} |"
+        )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
