@@ -140,7 +140,7 @@ def test_killed_worker_does_not_lose_the_run(ray_local, tmp_path: Path, monkeypa
 
 def test_no_ray_import_without_ray_options(tmp_path: Path) -> None:
     code = (
-        "import sys, imgclf.cli, imgclf.train, imgclf.batch_predict\n"
+        "import sys, imgclf.cli, imgclf.training.api, imgclf.serving.batch, imgclf.serving.app\n"
         "imgclf.cli.build_parser()\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )
@@ -157,7 +157,7 @@ def test_cli_errors_are_one_line(two_worker_run, tmp_path: Path, capsys) -> None
     err = capsys.readouterr().err
     assert "nope" in err and "no such file" in err and "Traceback" not in err
     rc = main(["train", "--data", "mnist", "--ray-workers", "0", "--out", str(tmp_path / "r")])
-    assert rc == 2 and "ray_workers must be >= 1" in capsys.readouterr().err
+    assert rc == 2 and "ray_workers=0: must be in the range >= 1" in capsys.readouterr().err
 
 
 def test_ray_serve_same_api(two_worker_run, mnist_pngs: Path) -> None:

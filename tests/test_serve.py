@@ -25,7 +25,8 @@ from PIL import Image
 
 from imgclf import cli
 from imgclf.runtime.bundle import load_bundle
-from imgclf.serving.app import Batcher, create_app, serve_in_thread
+from imgclf.serving.app import create_app, serve, serve_in_thread
+from imgclf.serving.batcher import Batcher
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +297,7 @@ def test_shutdown_drains_queued_requests(bundle, sign_dir):
 def test_batcher_close_drains_and_refuses_new_work():
     from concurrent.futures import ThreadPoolExecutor
 
-    from imgclf.serving.app import ShuttingDown
+    from imgclf.serving.batcher import ShuttingDown
 
     sizes: list[int] = []
 
@@ -353,11 +354,15 @@ def test_cli_serve_bad_bundle_is_one_line(tmp_path, capsys):
 def test_cli_flags_come_from_serve_settings():
     import dataclasses
 
-    from imgclf.serving.settings import ServeSettings
+    from imgclf.serving.settings import ServerSettings, ServeSettings
 
     args = cli.build_parser().parse_args(["serve", "b"])
-    for f in dataclasses.fields(ServeSettings):
-        assert getattr(args, f.name) == f.default, f.name
+    for cls in (ServeSettings, ServerSettings):
+        for f in dataclasses.fields(cls):
+            assert getattr(args, f.name) == f.default, f.name
+    # The older flag names still work.
+    args = cli.build_parser().parse_args(["serve", "b", "--max-pixels", "7", "--max-upload-mb", "1"])
+    assert args.max_image_pixels == 7 and args.max_upload_mb == 1
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
     assert "--max-request-pixels" in help_text and "--request-timeout-s" in help_text
 
@@ -406,3 +411,26 @@ def test_slow_body_gets_408_and_a_disconnect_is_not_a_500(bundle, sign_dir):
             and 'imgclf_errors_total{error="client disconnected"} 1.0' in metrics
         )
         assert httpx.post(url + "/v1/predict", content=jpg).status_code == 200
+
+
+def test_serve_in_background_twice_in_one_process(bundle, sign_bundle):
+    from imgclf.core.errors import ConfigError
+
+    a = serve(bundle, port=0, background=True, max_batch=4)
+    try:
+        with serve(sign_bundle, port=0, background=True, log_level="warning") as b:
+            assert a.url != b.url and a.app is not b.app
+            for server in (a, b):
+                r = httpx.get(server.url + "/healthz", timeout=10)
+                assert r.status_code == 200 and r.json()["status"] == "ok"
+            assert httpx.get(a.url + "/v1/model").json()["batching"]["max_batch"] == 4
+        with pytest.raises(httpx.TransportError):
+            httpx.get(b.url + "/healthz", timeout=2)
+    finally:
+        a.close()
+    with pytest.raises(TypeError, match="no_such_option"):
+        serve(bundle, port=0, background=True, no_such_option=1)
+    with pytest.raises(ConfigError, match="--max-batch"):
+        serve(bundle, port=0, background=True, max_batch=0)
+    with pytest.raises(ConfigError, match="workers"):
+        serve(bundle, port=0, background=True, workers=2)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
 
-from imgclf.serving.settings import ServeSettings
+from imgclf.serving.settings import ServerSettings, ServeSettings, flag_of, value_type
 
 NAME = "serve"
 HELP = "serve a bundle over HTTP (JSON API with dynamic batching, web page, /metrics)"
@@ -22,50 +20,23 @@ DESCRIPTION = (
 )
 
 
-def add_settings_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per :class:`~imgclf.serving.settings.ServeSettings` field, default and help from it."""
-    for f in dataclasses.fields(ServeSettings):
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        tp = float if f.type in ("float", float) else int
-        p.add_argument(flag, dest=f.name, type=tp, default=f.default, help=f.metadata["help"])
-    p.add_argument(
-        "--max-upload-mb", type=float, default=None, help="the body limit in MiB (instead of bytes)"
-    )
-    p.add_argument("--max-pixels", dest="max_image_pixels", type=int, help=argparse.SUPPRESS)  # older name
+def _add_fields(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the settings class ``cls``; type, default, help and choices from it."""
+    for f in dataclasses.fields(cls):
+        kw = {"dest": f.name, "type": value_type(cls, f), "default": f.default, "help": f.metadata["help"]}
+        if f.metadata["choices"]:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(flag_of(f), **kw)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder (a run's model/ folder, or the run folder)")
+    _add_fields(p, ServerSettings)
+    _add_fields(p, ServeSettings)
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"
+        "--max-upload-mb", type=float, default=None, help="the body limit in MiB (instead of bytes)"
     )
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    add_settings_arguments(p)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="uvicorn worker processes; EACH loads its own copy of the model and has its own /metrics",
-    )
-    p.add_argument(
-        "--backend",
-        choices=["auto", "torch", "onnxruntime"],
-        default=None,
-        help="inference engine (unset: $IMGCLF_BACKEND, else auto = onnxruntime when installed)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="compute threads per worker, for ONNX Runtime and torch (unset: ONNX Runtime gets the "
-        "cores minus one, shared by the workers, so one core is left for HTTP; torch its own choice)",
-    )
-    p.add_argument(
-        "--graceful-timeout",
-        type=float,
-        default=30.0,
-        help="seconds to let open requests finish on shutdown",
-    )
+    p.add_argument("--max-pixels", dest="max_image_pixels", type=int, help=argparse.SUPPRESS)  # older name
     p.add_argument(
         "--ray",
         action="store_true",
@@ -75,37 +46,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ray-address", default=None, help="with --ray: cluster to join: auto or ray://HEAD:10001"
     )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn log level",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from imgclf.runtime.bundle import load_bundle
-    from imgclf.runtime.onnxrt import THREADS_ENV
-    from imgclf.serving.app import ENV_CONFIG, create_app
+    from imgclf.serving.app import run_server
 
     if args.max_upload_mb is not None:
         args.max_upload_bytes = int(args.max_upload_mb * 2**20)
-    for flag, value, low in (("--workers", args.workers, 1), ("--port", args.port, 0)):
-        if value < low:
-            print(f"imgclf serve: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
-            return 2
-    opts: dict = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)}
-    try:
-        ServeSettings(**opts).validate()
-    except ValueError as e:
-        print(f"imgclf serve: error: --{e}", file=sys.stderr)
-        return 2
-    opts["backend"] = args.backend
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    # Out-of-range values raise ConfigError: cli.main prints it as one line (exit 2).
+    settings = ServeSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeSettings)})
+    server = ServerSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)})
+    settings.validate()
+    server.validate()
+    if server.host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            f"imgclf serve: warning: binding {args.host}: the API has no authentication; "
+            f"imgclf serve: warning: binding {server.host}: the API has no authentication; "
             "put it behind a proxy you control",
             file=sys.stderr,
         )
@@ -120,47 +75,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return run_blocking(
             args.bundle,
-            host=args.host,
-            port=args.port,
+            host=server.host,
+            port=server.port,
             replicas=args.replicas,
             address=args.ray_address,
-            threads=args.threads,
-            **opts,
+            threads=server.threads,
+            backend=server.backend,
+            **dataclasses.asdict(settings),
         )
-    if args.threads:
-        os.environ[THREADS_ENV] = str(args.threads)
-    elif THREADS_ENV not in os.environ:
-        # Inference and HTTP handling share the machine: measured on 2 cores, one ORT thread
-        # beside the event loop beat two fighting it (docs/SERVE.md). Workers inherit this.
-        os.environ[THREADS_ENV] = str(max(1, ((os.cpu_count() or 1) - 1) // max(1, args.workers)))
-    common = {
-        "host": args.host,
-        "port": args.port,
-        "log_level": args.log_level,
-        "timeout_graceful_shutdown": args.graceful_timeout,
-        # idle keep-alive connections are dropped; a header that never ends is cut at 64 KiB
-        "timeout_keep_alive": 5,
-        "h11_max_incomplete_event_size": 64 * 1024,
-    }
-    if args.workers == 1:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        app = create_app(args.bundle, **opts)  # BundleError -> one-line message from cli.main
-        print(f"imgclf serve: http://{args.host}:{args.port}/  (API docs at /docs)", file=sys.stderr)
-        uvicorn.run(app, **common)
-        return 0
-    # Several processes: uvicorn needs an import string; each worker rebuilds the app from the
-    # environment. Load once here so a broken bundle fails with one clear line, not N tracebacks.
-    bundle = load_bundle(args.bundle, backend=args.backend)
-    del bundle
-    os.environ[ENV_CONFIG] = json.dumps(
-        {"bundle": os.path.abspath(args.bundle), "torch_threads": args.threads, **opts}
+    # A broken bundle raises BundleError: one line from cli.main.
+    run_server(
+        args.bundle, settings, server, announce=lambda msg: print(f"imgclf serve: {msg}", file=sys.stderr)
     )
-    print(
-        f"imgclf serve: http://{args.host}:{args.port}/ with {args.workers} workers (each loads the model)",
-        file=sys.stderr,
-    )
-    uvicorn.run("imgclf.serving.app:app_from_env", factory=True, workers=args.workers, **common)
     return 0

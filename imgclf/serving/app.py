@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import json
 import os
 import time
@@ -38,12 +39,12 @@ from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from imgclf.core.errors import BundleError
+from imgclf.core.errors import BundleError, ConfigError
 from imgclf.core.imageio import ImageDecodeError, image_size
 from imgclf.core.version import __version__
 from imgclf.runtime.bundle import Bundle, load_bundle
 from imgclf.serving.batcher import Batcher, QueueFull, ShuttingDown
-from imgclf.serving.settings import DEFAULTS, ServeSettings
+from imgclf.serving.settings import DEFAULTS, SERVER_DEFAULTS, ServerSettings, ServeSettings, split_settings
 
 ENV_CONFIG = "IMGCLF_SERVE_CONFIG"
 
@@ -105,7 +106,7 @@ class _Metrics:
         )
         self.batch_seconds = Histogram(
             "imgclf_batch_inference_seconds",
-            "Time of one predict_batch call",
+            "Time of one Bundle.predict_batch call (one batch)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
@@ -585,21 +586,22 @@ async def _lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's own protocol
 
 def create_app(
     bundle: str | os.PathLike | Bundle,
+    settings: ServeSettings | None = None,
     *,
     backend: str | None = None,
     max_pixels: int | None = None,
-    **settings: Any,
+    **options: Any,
 ) -> FastAPI:
     """Build the FastAPI app for one bundle (a path is loaded now, so errors show at startup).
 
-    ``settings`` are :class:`ServeSettings` fields (``max_batch``, ``max_upload_bytes``, ...);
-    ``max_pixels`` is the older name of ``max_image_pixels``. ``backend`` is passed to
-    :func:`load_bundle` when ``bundle`` is a path.
+    ``options`` are :class:`ServeSettings` fields (``max_batch``, ``max_upload_bytes``, ...) and
+    override ``settings`` (default :data:`DEFAULTS`); ``max_pixels`` is the older name of
+    ``max_image_pixels``. ``backend`` is passed to :func:`load_bundle` when ``bundle`` is a path.
     """
     if max_pixels is not None:
-        settings["max_image_pixels"] = max_pixels
+        options["max_image_pixels"] = max_pixels
     try:
-        s = ServeSettings(**settings).validate()
+        s = dataclasses.replace(settings or DEFAULTS, **options).validate()
     except TypeError as e:
         raise TypeError(f"create_app: {e}; options are the fields of ServeSettings") from None
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, backend=backend)
@@ -646,79 +648,164 @@ def _short_status(code: int) -> str:
         return "error"
 
 
-def _uvicorn_config(app: FastAPI, host: str, port: int, **kw: Any) -> Any:
-    import uvicorn
+# --------------------------------------------------------------------------- running it
 
-    # timeout_keep_alive drops idle connections; h11's limit bounds a header that never ends.
-    return uvicorn.Config(
-        app, host=host, port=port, timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024, **kw
-    )
+# Idle keep-alive connections are dropped after this many seconds.
+_KEEP_ALIVE_S = 5
+# h11 refuses a request head (request line + headers) larger than this: a header that never ends.
+_MAX_HEADER_BYTES = 64 * 1024
 
 
-@contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a background thread; yields the base URL (tests, notebooks).
+def _uvicorn_options(server: ServerSettings) -> dict[str, Any]:
+    """uvicorn.Config / uvicorn.run keywords for ``server``: the same for every way of serving."""
+    return {
+        "host": server.host,
+        "port": server.port,
+        "log_level": server.log_level,
+        "timeout_graceful_shutdown": server.graceful_timeout,
+        "timeout_keep_alive": _KEEP_ALIVE_S,
+        "h11_max_incomplete_event_size": _MAX_HEADER_BYTES,
+    }
 
-    ``port=0`` picks a free port. Leaving the block shuts down gracefully (open requests finish).
+
+def _apply_threads(server: ServerSettings, *, own_process: bool) -> None:
+    """Compute threads for ONNX Runtime (environment, inherited by workers) and torch."""
+    from imgclf.runtime.onnxrt import THREADS_ENV
+
+    if server.threads:
+        os.environ[THREADS_ENV] = str(server.threads)
+        if server.workers == 1:  # with several workers, app_from_env sets it in each
+            import torch
+
+            torch.set_num_threads(server.threads)
+    elif own_process and THREADS_ENV not in os.environ:
+        # Inference and HTTP handling share the machine: measured on 2 cores, one ORT thread
+        # beside the event loop beat two fighting it (docs/SERVE.md). Workers inherit this.
+        os.environ[THREADS_ENV] = str(max(1, ((os.cpu_count() or 1) - 1) // server.workers))
+
+
+class BackgroundServer:
+    """An app under uvicorn in a daemon thread of this process: ``url``, ``app``, ``close()``.
+
+    Also a context manager (leaving it closes). Closing is graceful: open requests finish.
     """
-    with _BackgroundServer(app, host, port) as server:
-        yield server.url
 
-
-class _BackgroundServer:
-    """uvicorn in a daemon thread; ``url``, ``app``, ``close()``; a context manager."""
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: FastAPI, server: ServerSettings | None = None) -> None:
         import threading
 
         import uvicorn
 
+        server = server or ServerSettings(port=0, log_level="warning")
         self.app = app
-        self._server = uvicorn.Server(_uvicorn_config(app, host, port, log_level="warning", lifespan="on"))
+        self._server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **_uvicorn_options(server)))
         self._thread = threading.Thread(target=self._server.run, name="imgclf-serve", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on {host}:{port} (port in use?)")
+                self._server.should_exit = True
+                raise RuntimeError(f"uvicorn did not start on {server.host}:{server.port} (port in use?)")
             time.sleep(0.01)
         bound = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://{host}:{bound}"
+        self.url = f"http://{server.host}:{bound}"
 
     def close(self) -> None:
+        """Stop taking connections, finish open requests and queued images, join the thread."""
         self._server.should_exit = True
         self._thread.join(timeout=60)
 
-    def __enter__(self) -> _BackgroundServer:
+    def __enter__(self) -> BackgroundServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"BackgroundServer({self.url!r})"
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = SERVER_DEFAULTS.host, port: int = 0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a background thread; yields the base URL (tests, notebooks).
+
+    ``port=0`` picks a free port. Leaving the block shuts down gracefully (open requests finish).
+    """
+    with BackgroundServer(app, ServerSettings(host=host, port=port, log_level="warning")) as server:
+        yield server.url
+
+
+def run_server(
+    model: str | os.PathLike | Bundle,
+    settings: ServeSettings | None = None,
+    server: ServerSettings | None = None,
+    *,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve ``model`` in this process until Ctrl-C / SIGTERM (what ``imgclf serve`` runs).
+
+    ``server.workers > 1`` starts that many uvicorn processes, each loading ``model`` (a path)
+    from :data:`ENV_CONFIG`. ``announce`` gets a one-line "listening on" message.
+    """
+    import uvicorn
+
+    settings, server = settings or DEFAULTS, server or SERVER_DEFAULTS
+    say = announce or (lambda _msg: None)
+    _apply_threads(server, own_process=True)
+    options = _uvicorn_options(server)
+    if server.workers == 1:
+        app = create_app(model, settings, backend=server.backend)
+        say(f"http://{server.host}:{server.port}/  (API docs at /docs)")
+        uvicorn.run(app, **options)
+        return
+    if isinstance(model, Bundle):
+        raise ConfigError(
+            "workers > 1 needs the bundle's path, not a loaded Bundle: each worker process loads its own copy"
+        )
+    # Several processes: uvicorn needs an import string; each worker rebuilds the app from the
+    # environment. Load once here so a broken bundle fails with one clear line, not N tracebacks.
+    load_bundle(model, backend=server.backend)
+    os.environ[ENV_CONFIG] = json.dumps(
+        {
+            "bundle": os.path.abspath(model),
+            "backend": server.backend,
+            "torch_threads": server.threads,
+            **dataclasses.asdict(settings),
+        }
+    )
+    say(f"http://{server.host}:{server.port}/ with {server.workers} workers (each loads the model)")
+    uvicorn.run("imgclf.serving.app:app_from_env", factory=True, workers=server.workers, **options)
+
 
 def serve(
     model: str | os.PathLike | Bundle,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str = SERVER_DEFAULTS.host,
+    port: int = SERVER_DEFAULTS.port,
     background: bool = False,
-    log_level: str = "info",
     **settings: Any,
-) -> _BackgroundServer | None:
-    """Serve ``model``: block until stopped, or with ``background=True`` return a running server
-    (``.url``, ``.close()``, a context manager). ``settings`` are :class:`ServeSettings` fields."""
-    app = create_app(model, **settings)
-    if background:
-        return _BackgroundServer(app, host, port)
-    import uvicorn
+) -> BackgroundServer | None:
+    """Serve ``model`` (a bundle path or a loaded :class:`Bundle`) over HTTP.
 
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level=log_level)).run()
-    return None
+    ``settings`` are fields of :class:`ServeSettings` and :class:`ServerSettings`. Blocks until
+    stopped, as ``imgclf serve`` does; with ``background=True`` returns a running
+    :class:`BackgroundServer` (``.url``, ``.app``, ``.close()``, a context manager) served from
+    a thread of this process (``port=0`` picks a free port).
+    """
+    app_settings, server = split_settings({"host": host, "port": port, **settings})
+    if not background:
+        run_server(model, app_settings, server)
+        return None
+    if server.workers != 1:
+        raise ConfigError(
+            f"background=True serves from a thread of this process; workers must be 1, got {server.workers}"
+        )
+    _apply_threads(server, own_process=False)
+    return BackgroundServer(create_app(model, app_settings, backend=server.backend), server)
 
 
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory`` / ``--workers N``: options come as JSON in
-    ``IMGCLF_SERVE_CONFIG`` (set by ``imgclf serve``). Each worker process loads the model."""
+    ``IMGCLF_SERVE_CONFIG`` (set by :func:`run_server`). Each worker process loads the model."""
     raw = os.environ.get(ENV_CONFIG)
     if not raw:
         raise RuntimeError(f"{ENV_CONFIG} is not set; start the server with `imgclf serve BUNDLE`")
@@ -738,13 +825,16 @@ DEFAULT_MAX_QUEUE = DEFAULTS.max_queue
 
 __all__ = [
     "ApiError",
+    "BackgroundServer",
     "Batcher",
     "QueueFull",
     "ServeSettings",
     "ServeState",
+    "ServerSettings",
     "ShuttingDown",
     "app_from_env",
     "create_app",
+    "run_server",
     "serve",
     "serve_in_thread",
 ]

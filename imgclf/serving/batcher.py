@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_MAX_QUEUE = 1024
+from imgclf.serving.settings import DEFAULTS
 
 
 class QueueFull(Exception):
@@ -44,9 +44,9 @@ class Batcher:
         predict: Callable[[np.ndarray], np.ndarray],
         executor: ThreadPoolExecutor | None = None,
         *,
-        max_batch: int = 32,
-        max_wait_ms: float = 5.0,
-        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_batch: int = DEFAULTS.max_batch,
+        max_wait_ms: float = DEFAULTS.max_wait_ms,
+        max_queue: int = DEFAULTS.max_queue,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         if max_batch < 1:

@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from imgclf.runtime.bundle import load_bundle, resolve_bundle_dir
+from imgclf.serving.settings import SERVER_DEFAULTS
 
 
 @serve.ingress()  # the app is built in each replica, by __serve_build_asgi_app__
@@ -58,8 +59,8 @@ def build_app(
 def start(
     bundle: str | os.PathLike,
     *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str = SERVER_DEFAULTS.host,
+    port: int = SERVER_DEFAULTS.port,
     replicas: int = 1,
     address: str | None = None,
     threads: int | None = None,

@@ -1,23 +1,63 @@
 """Every ``imgclf serve`` option with its default and help, declared once.
 
-:func:`imgclf.serving.app.create_app` takes these as keywords and ``imgclf serve`` builds its
-flags from them; this module imports nothing heavy, so ``imgclf --help`` stays fast.
+:class:`ServeSettings` is what one app enforces (batching and limits; the keywords of
+:func:`imgclf.serving.app.create_app`); :class:`ServerSettings` is how the process runs it
+(address, worker processes, threads). ``imgclf serve`` builds one flag per field of both, and
+:func:`imgclf.serving.app.serve` takes the fields of both as keywords. This module imports
+nothing heavy, so ``imgclf --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from imgclf.core.errors import ConfigError
 
-def _opt(default: Any, help: str, *, flag: str | None = None, ge: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag, "ge": ge})
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    ge: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A field whose help, CLI flag (default ``--field-name``), lower bound and choices travel with it."""
+    return field(default=default, metadata={"help": help, "flag": flag, "ge": ge, "choices": choices})
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The ``imgclf serve`` flag of a settings field."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def value_type(cls: type, f: dataclasses.Field) -> type:
+    """The value type of a field (``int | None`` -> ``int``), for argparse."""
+    tp = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+class _Checked:
+    def validate(self) -> typing.Self:
+        """Raise :class:`ConfigError` naming the field and its flag when a value is out of range."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v, ge, choices = getattr(self, f.name), f.metadata["ge"], f.metadata["choices"]
+            if v is None:
+                continue
+            if ge is not None and v < ge:
+                raise ConfigError(f"{f.name} ({flag_of(f)}) must be >= {ge:g}, got {v}")
+            if choices and v not in choices:
+                raise ConfigError(f"{f.name} ({flag_of(f)}) must be one of {', '.join(choices)}, got {v!r}")
+        return self
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """Limits and batching of one server; every field is also an ``imgclf serve`` flag."""
+class ServeSettings(_Checked):
+    """Batching and limits of one app; every field is also an ``imgclf serve`` flag."""
 
     max_batch: int = _opt(32, "most images per inference batch (1 = no batching)", ge=1)
     max_wait_ms: float = _opt(5.0, "longest a queued image waits for others to fill its batch", ge=0)
@@ -49,12 +89,47 @@ class ServeSettings:
         12_000_000, "largest image /v1/explain accepts (Grad-CAM keeps several copies in memory)", ge=1
     )
 
-    def validate(self) -> ServeSettings:
-        for f in dataclasses.fields(self):
-            v, ge = getattr(self, f.name), f.metadata["ge"]
-            if v is not None and ge is not None and v < ge:
-                raise ValueError(f"{f.name.replace('_', '-')} must be >= {ge}, got {v}")
-        return self
+
+@dataclass(frozen=True)
+class ServerSettings(_Checked):
+    """How the process serves the app: address, processes, threads; each is an ``imgclf serve`` flag."""
+
+    host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = _opt(8000, "TCP port (0 = any free port)", ge=0)
+    workers: int = _opt(
+        1, "uvicorn worker processes; EACH loads its own copy of the model and has its own /metrics", ge=1
+    )
+    threads: int | None = _opt(
+        None,
+        "compute threads per worker, for ONNX Runtime and torch (unset: ONNX Runtime gets the "
+        "cores minus one, shared by the workers, so one core is left for HTTP; torch its own choice)",
+        ge=1,
+    )
+    backend: str | None = _opt(
+        None,
+        "inference engine (unset: $IMGCLF_BACKEND, else auto = onnxruntime when installed)",
+        choices=("auto", "torch", "onnxruntime"),
+    )
+    graceful_timeout: float = _opt(30.0, "seconds to let open requests finish on shutdown", ge=0)
+    log_level: str = _opt(
+        "info", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug")
+    )
 
 
 DEFAULTS = ServeSettings()
+SERVER_DEFAULTS = ServerSettings()
+
+
+def split_settings(options: dict[str, Any]) -> tuple[ServeSettings, ServerSettings]:
+    """Keywords naming fields of either class -> both, validated; an unknown name is a TypeError."""
+    app_names = {f.name for f in dataclasses.fields(ServeSettings)}
+    server_names = {f.name for f in dataclasses.fields(ServerSettings)}
+    unknown = sorted(set(options) - app_names - server_names)
+    if unknown:
+        raise TypeError(
+            f"unknown serve option(s) {', '.join(unknown)}; they are the fields of ServeSettings "
+            "and ServerSettings (imgclf/serving/settings.py)"
+        )
+    app = ServeSettings(**{k: v for k, v in options.items() if k in app_names})
+    server = ServerSettings(**{k: v for k, v in options.items() if k in server_names})
+    return app.validate(), server.validate()
