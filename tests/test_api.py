@@ -145,3 +145,9 @@ def test_run_killed_before_first_checkpoint_restarts(tmp_path: Path) -> None:
     fresh = tmp_path / "f"
     (fresh / "checkpoints").mkdir(parents=True)
     assert imgclf.train(data="digits", model="lenet", epochs=1, out=str(fresh)).metrics["epochs_run"] == 1
+
+
+def test_options_doc_is_generated_from_the_config() -> None:
+    from imgclf.training.config import options_markdown
+
+    assert (ROOT / "docs" / "OPTIONS.md").read_text() == options_markdown()

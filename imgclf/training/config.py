@@ -408,3 +408,17 @@ def options_table() -> str:
         ]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def options_markdown() -> str:
+    """docs/OPTIONS.md, whole."""
+    return (
+        "# Training options\n\nEvery key of `imgclf train` (as `--key-name`), of `--config` files and of "
+        "`imgclf.train(...)`.\nThis table is generated from `imgclf/training/config.py` "
+        "(`python -m imgclf.training.config > docs/OPTIONS.md`);\n`tests/test_api.py` fails when it is "
+        "out of date.\n\n" + options_table()
+    )
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")
