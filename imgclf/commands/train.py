@@ -49,7 +49,14 @@ def _key_value(text: str) -> tuple[str, Any]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", help="YAML or JSON file of config keys (command-line options override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue this run from its last checkpoint, with the learning rates an uninterrupted run "
+        "would have (a run killed before its first checkpoint starts again). With --epochs N the plan "
+        "grows to N epochs: keras-decay continues its per-step decay, cosine and onecycle are stretched "
+        "to end at epoch N",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch only)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
