@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from imgclf.analysis.evaluate import EvalResult
     from imgclf.exporters.formats import ExportResult
     from imgclf.runtime.bundle import Bundle
+    from imgclf.serving.app import BackgroundServer
     from imgclf.training.callbacks import Callback
     from imgclf.training.trainer import TrainResult
 
@@ -151,17 +152,16 @@ def export(
     return _export(bundle, format, out, check_images=images, int8=int8)
 
 
-def serve(
-    model: ModelRef, *, host: str = "127.0.0.1", port: int = 8000, background: bool = False, **settings: Any
-):
-    """Serve ``model`` over HTTP (the ``imgclf serve`` app).
+def serve(model: ModelRef, *, background: bool = False, **options: Any) -> BackgroundServer | None:
+    """Serve ``model`` over HTTP (the ``imgclf serve`` app): block until stopped, or with
+    ``background=True`` return a running server (``.url``, ``.close()``, a context manager).
 
-    Blocks until stopped; with ``background=True`` returns a running server handle with ``.url``
-    and ``.close()`` (also a context manager; ``port=0`` picks a free port).
+    ``options`` are the ``imgclf serve`` flags' names: ``host``, ``port`` (0 = any free port),
+    ``workers`` and the limits of :class:`imgclf.serving.settings.ServeSettings`.
     """
     from imgclf.serving.app import serve as _serve
 
-    return _serve(_bundle(model), host=host, port=port, background=background, **settings)
+    return _serve(model, background=background, **options)
 
 
 __all__ = ["Callback", "__version__", "evaluate", "export", "inspect", "load", "resume", "serve", "train"]
