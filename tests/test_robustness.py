@@ -166,6 +166,12 @@ def test_non_utf8_names_and_symlink_loops_train_and_predict(tmp_path, small_sign
     rows = (tmp_path / "p.csv").read_bytes().splitlines()[1:]
     assert len(rows) == 32  # 30 photos + the copy + the bad file, each once despite two loops in the glob
     assert any(r.startswith(str(root / "0").encode() + b"/caf\xe9.jpg") for r in rows)
+    assert main(["inspect", "--data", str(root), "--out", str(tmp_path / "doc")]) in (0, 1)
+    assert (tmp_path / "doc" / "inspect.html").stat().st_size > 500
+    assert b"bad\\xff.jpg" in (tmp_path / "doc" / "inspect.html").read_bytes()
+    assert main(["evaluate", str(res.run_dir), "--data", str(root), "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_images"] > 0
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_empty_class_folder_is_refused(tmp_path, small_sign_folder) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgclf.core.files import display_path
 from imgclf.core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from imgclf.data import sources as D
 from imgclf.data.dedup import EXT_FORMATS, HASH_SIZE, NEAR_THRESHOLD, Groups, ItemInfo, find_groups, scan
@@ -747,4 +748,4 @@ def write_html(
                 )
             out.append("</table>")
     out.append("</body></html>")
-    Path(path).write_text("\n".join(out), encoding="utf-8")
+    Path(path).write_text(display_path("\n".join(out)), encoding="utf-8")  # odd file names as \\xNN

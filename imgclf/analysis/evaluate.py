@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.core.files import display_path
 from imgclf.data import sources as D
 from imgclf.runtime.bundle import Bundle, load_bundle, recorded_splits
 
@@ -529,7 +530,7 @@ def reliability_png(result: EvalResult) -> bytes:
 def write_predictions_csv(result: EvalResult, path: str | Path) -> Path:
     """One row per evaluated image, then one per unreadable file (its reason in ``error``)."""
     path = Path(path)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # keeps odd names
         w = csv.writer(f)
         w.writerow(["file", "true", "predicted", "probability", "correct", "true_probability", "error"])
         for r in result.predictions:
@@ -564,7 +565,7 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, *, n_wrong: int = 
 
     def write(name: str, blob: bytes | str) -> None:
         p = out / name
-        p.write_bytes(blob) if isinstance(blob, bytes) else p.write_text(blob)
+        p.write_bytes(blob) if isinstance(blob, bytes) else p.write_text(display_path(blob), encoding="utf-8")
         files[name] = p
 
     report_txt = classification_report_text(result.labels, result.probs, result.classes)

@@ -91,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from imgclf.analysis.doctor import inspect_source, summary_text, write_report
+    from imgclf.core.files import display_path
 
     progress = not args.no_progress and sys.stderr.isatty()
     report = inspect_source(
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json(), end="")
     else:
-        print(summary_text(report))
+        print(display_path(summary_text(report)))
         written = "inspect.json" + ("" if args.no_html else " and inspect.html")
         print(f"\nwrote {written} to {out}")
     return 1 if args.strict and report.problems else 0
