@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from imgclf.core.errors import ConfigError, TrainingError
+from imgclf.core.files import atomic_write_bytes
 from imgclf.training.callbacks import Callback
 from imgclf.training.config import TrainConfig
 from imgclf.training.trainer import Trainer, TrainResult
@@ -50,6 +51,9 @@ def train(
         for name in _PARTIAL_OUTPUTS:
             p = run_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    # First thing on disk: the config as given, so a kill at any later moment leaves a folder that
+    # `--resume` can restart (the Trainer replaces it with the resolved config).
+    atomic_write_bytes(run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     if cfg.ray_workers:
         if callbacks:
             raise ConfigError("callbacks= runs in this process only; leave out ray_workers to use them")
@@ -77,7 +81,10 @@ def resume(
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
-        raise TrainingError(f"{run_dir}: no config.json; is this an imgclf run folder?")
+        raise TrainingError(
+            f"{run_dir}: no config.json, so nothing to resume (a run killed in its first moment, or not "
+            f"an imgclf run folder); start it again with imgclf train --out {run_dir}"
+        )
     try:
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
     except json.JSONDecodeError as e:
