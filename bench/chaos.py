@@ -107,7 +107,7 @@ def files_intact(run: Path) -> list[str]:
 
 def run_to_end(out: Path, quick: bool, kills: int, rng: random.Random, window: float, env: dict) -> dict:
     killed, kept = 0, []
-    cmd = imgclf_cmd(*train_args(out, quick))
+    cmd = first = imgclf_cmd(*train_args(out, quick))
     while True:
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if killed < kills:
@@ -117,7 +117,10 @@ def run_to_end(out: Path, quick: bool, kills: int, rng: random.Random, window: f
                 p.wait()
                 killed += 1
                 kept.append(epochs_done(out))  # the resume point: only the epoch in flight is redone
-                cmd = imgclf_cmd("train", "--resume", str(out), "--no-progress")
+                # Killed before its folder held anything (no config.json yet): start it again, as a
+                # user would; everything after that moment is a real resume.
+                started = (out / "config.json").exists()
+                cmd = imgclf_cmd("train", "--resume", str(out), "--no-progress") if started else first
                 continue
         if p.wait() != 0:
             return {"killed": killed, "finished": False}
