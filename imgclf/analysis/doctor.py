@@ -5,14 +5,8 @@
 problem (``check_*``) and returns a typed :class:`DoctorReport` whose ``to_dict()`` is
 ``inspect.json``; :func:`inspect_source` does both for a ``--data`` source and
 :func:`write_report` writes inspect.json and inspect.html. The fast path ``train`` runs before
-splitting is :func:`imgclf.data.dedup.dedup_for_training`.
-
-Near-duplicates: the DCT perceptual hash of ``imagehash.phash`` with ``hash_size=16``
-(256 bits). Two images are near-duplicates when their hashes differ in at most
-:data:`NEAR_THRESHOLD` bits. Measured on sign-language-digits (2,062 photos of hands on
-similar backgrounds): copies resized by 0.5-1.3x and re-encoded as JPEG at quality 60-90
-differ by at most 16 bits, while the closest pair of distinct photos differs by 42.
-The 64-bit hash (``hash_size=8``) was not usable there: distinct photos came within 2 bits.
+splitting is :func:`imgclf.data.dedup.dedup_for_training`; how near-duplicates are found (and
+the measurements behind the threshold) is in :mod:`imgclf.data.dedup`.
 """
 
 from __future__ import annotations
