@@ -106,17 +106,25 @@ def class_index_of(bundle: Bundle, class_name: str) -> int:
 
 
 def gradcam(
-    bundle: Bundle, source: ImageSource | IO[bytes], class_index: int | None = None
+    bundle: Bundle,
+    source: ImageSource | IO[bytes],
+    class_index: int | None = None,
+    *,
+    max_side: int | None = None,
 ) -> tuple[np.ndarray, int, np.ndarray]:
     """Grad-CAM for one image.
 
     Returns (heatmap float32 HxW in [0, 1] at the original image's size, class index used,
     original image as uint8 HxWx3). ``class_index`` None explains the predicted class.
+    ``max_side`` shrinks the returned original (and heatmap) to at most that many pixels a side.
     Raises :class:`imgclf.core.imageio.ImageDecodeError` for an unusable image.
     """
     source = _as_reusable(source)
     k = _class_index(bundle, class_index)
-    original = np.asarray(open_image(source, channels=3), dtype=np.uint8)
+    img = open_image(source, channels=3)
+    if max_side and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side))  # the CAM is model-sized anyway: a big overlay only costs time
+    original = np.asarray(img, dtype=np.uint8)
     # The model input goes through the bundle's own recipe, exactly as predict does.
     x = normalize(torch.from_numpy(np.array(bundle.prepare(source)[None])), bundle.pre)
     cam, used, _ = gradcam_batch(bundle.model, x, k)
@@ -127,11 +135,17 @@ def gradcam(
 
 
 def overlay_png(
-    bundle: Bundle, source: ImageSource | IO[bytes], class_name: str | None = None, alpha: float = 0.45
+    bundle: Bundle,
+    source: ImageSource | IO[bytes],
+    class_name: str | None = None,
+    alpha: float = 0.45,
+    *,
+    max_side: int | None = None,
 ) -> bytes:
-    """PNG bytes of the Grad-CAM heatmap (jet colormap) blended onto the original image."""
+    """PNG bytes of the Grad-CAM heatmap (jet colormap) blended onto the original image
+    (shrunk to ``max_side`` pixels a side when given)."""
     k = class_index_of(bundle, class_name) if class_name is not None else None
-    heat, _, original = gradcam(bundle, source, k)
+    heat, _, original = gradcam(bundle, source, k, max_side=max_side)
     return png_bytes(overlay(original, heat, alpha=alpha))
 
 

@@ -47,6 +47,9 @@ from imgclf.serving.batcher import Batcher, QueueFull, ShuttingDown
 from imgclf.serving.settings import DEFAULTS, SERVER_DEFAULTS, ServerSettings, ServeSettings, split_settings
 
 ENV_CONFIG = "IMGCLF_SERVE_CONFIG"
+# The /v1/explain overlay is drawn at most this big: it runs on the inference thread, and a
+# 9 MP overlay held every batch behind it for about a second (bench/chaos.py --server).
+EXPLAIN_MAX_SIDE = 1024
 
 # ImageDecodeError.reason -> HTTP status. Anything not listed is a plain 400.
 _STATUS_FOR_REASON = {
@@ -466,7 +469,7 @@ async def explain(
     try:
         async with st.explain_lock:  # one Grad-CAM at a time: each holds several full-size copies
             png = await st.batcher.run_exclusive(
-                lambda: overlay_png(b, uploads[0].data, class_name=class_name)
+                lambda: overlay_png(b, uploads[0].data, class_name=class_name, max_side=EXPLAIN_MAX_SIDE)
             )
     except ShuttingDown:
         raise ApiError(503, "shutting down", "the server is stopping; retry elsewhere") from None
