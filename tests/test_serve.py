@@ -162,7 +162,7 @@ def test_model_failure_is_json_500_and_the_batcher_survives(bundle, sign_dir):
 
     def predict(batch: np.ndarray) -> np.ndarray:
         calls.append(len(batch))
-        if len(calls) == 3:  # calls 1-2: the start-up check and the warm-up
+        if len(calls) == 2:  # call 1 is the start-up check (which is also the warm-up)
             raise RuntimeError("simulated inference failure")
         return bundle.predict_batch(batch)
 

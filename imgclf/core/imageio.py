@@ -246,11 +246,6 @@ def resize(img: Image.Image, size: tuple[int, int], method: str = "bilinear") ->
     return img.resize(tuple(size), methods[method], reducing_gap=3.0)
 
 
-def is_candidate_file(path: Path) -> bool:
-    """True for files worth trying to decode when scanning a folder (hidden files skipped)."""
-    return path.is_file() and not path.name.startswith(".")
-
-
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from an encoded image's header without decoding it; None if unreadable."""
     try:

@@ -557,7 +557,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 def _check_can_predict(b: Bundle) -> None:
-    """A bundle that cannot predict fails now, with one line, instead of answering 500 later."""
+    """A bundle that cannot predict fails now, with one line, instead of answering 500 later.
+
+    It is also the warm-up: the ONNX Runtime session and first-call allocations are made here,
+    so the first client does not pay for them.
+    """
     h, w = b.pre.size
     try:
         probs = b.predict_batch(np.zeros((1, h, w, b.pre.channels), np.uint8))
@@ -574,11 +578,6 @@ async def _lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's own protocol
     st: ServeState = app.state.serve
     st.batcher.start()
     st.explain_lock = asyncio.Lock()
-    # Warm up on the inference thread (builds the ONNX Runtime session, first-call allocations)
-    # so the first client does not pay for it.
-    b = st.bundle
-    h, w = b.pre.size
-    await st.batcher.run_exclusive(lambda: b.predict_batch(np.zeros((1, h, w, b.pre.channels), np.uint8)))
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import operator
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -49,6 +50,9 @@ def _accepted(f: dataclasses.Field) -> str:
         if md[k] is not None
     ]
     return " and ".join(parts)
+
+
+_BOUNDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
 
 
 def _check(f: dataclasses.Field, tp: Any, value: Any) -> Any:
@@ -94,9 +98,8 @@ def _check(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     for v in value if isinstance(value, list) else [value]:
         if not isinstance(v, int | float) or isinstance(v, bool):
             continue
-        for key, ok in (("ge", v >= (md.get("ge") or 0)), ("gt", v > (md.get("gt") or 0)),
-                        ("le", v <= (md.get("le") or 0)), ("lt", v < (md.get("lt") or 0))):  # fmt: skip
-            if md.get(key) is not None and not ok:
+        for key, within in _BOUNDS.items():
+            if md.get(key) is not None and not within(v, md[key]):
                 raise ConfigError(f"{name}={value!r}: must be in the range {_accepted(f)}")
     return value
 
