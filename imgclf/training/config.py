@@ -104,10 +104,11 @@ def _check(f: dataclasses.Field, tp: Any, value: Any) -> Any:
     return value
 
 
-# The keys ``imgclf.train`` and the CLI apply when no recipe is named: our tuned training. A
-# TrainConfig built directly applies none and says so with ``recipe="default"`` (its plain values).
-RECIPES = ("best", "tutorial", "default")
-DEFAULT_RECIPE = "best"
+# The recipe ``imgclf.train`` and the CLI apply when none is named: values decided from the data
+# (imgclf.training.auto). A TrainConfig built directly applies none and says so with
+# ``recipe="default"`` (its plain values).
+RECIPES = ("auto", "best", "tutorial", "default")
+DEFAULT_RECIPE = "auto"
 MAX_HELD_OUT = 0.8  # val + test fraction above which too little is left to train on
 
 
@@ -126,7 +127,10 @@ class TrainConfig:
     )
     model: str | None = option(
         default=None,
-        help="architecture from `imgclf models` (default: lenet for greyscale built-ins, else smallervggnet)",
+        help=(
+            "architecture from `imgclf models` (default: lenet for greyscale built-ins, else resnet10s "
+            "with --recipe auto and smallervggnet with the other recipes)"
+        ),
     )
     model_args: dict[str, Any] = option(
         default_factory=dict,
@@ -156,8 +160,10 @@ class TrainConfig:
     recipe: str = option(
         default="default",
         help=(
-            "training recipe, filling only the keys you do not set: best (our tuned training; the "
-            "default of `imgclf train` and imgclf.train()), tutorial (the tutorial's exact settings), "
+            "training recipe, filling only the keys you do not set: auto (decided from your data: model, "
+            "image size, batch size, epochs, augmentation, flip and a learning-rate range test; the "
+            "default of `imgclf train` and imgclf.train(); the log says what it chose and why), best "
+            "(our measured settings per dataset and model), tutorial (the tutorial's exact settings), "
             "default (the plain values listed here; also what a TrainConfig built directly holds)"
         ),
         choices=RECIPES,

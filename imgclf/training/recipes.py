@@ -1,7 +1,9 @@
 """Named training recipes: values that fill the keys a user did not set.
 
 ``default`` is the plain TrainConfig defaults. ``tutorial`` reproduces each tutorial's exact
-settings for its dataset; ``best`` is our tuned training for the same architecture.
+settings for its dataset; ``best`` is our tuned training for the same architecture; ``auto``
+(the default) fills fixed values here and decides the rest from the data when training starts
+(:mod:`imgclf.training.auto`).
 
 A recipe is looked up by (dataset, model): the dataset is recognised from ``data`` (``mnist``,
 ``fashion-mnist``, ``digits``, an IDX folder, or ``folder`` for any image folder) and the model
@@ -219,6 +221,11 @@ def recipe_values(recipe: str, given: dict[str, Any]) -> dict[str, Any]:
         return {}
     data = str(given.get("data", TrainConfig.data))
     dataset = dataset_key(data)
+    if recipe == "auto":
+        from imgclf.training.auto import STATIC
+
+        # The rest is decided from the data when training starts (imgclf.training.auto).
+        return {**_FOLDER_SPLITS, **STATIC} if dataset == "folder" else dict(STATIC)
     model = str(given.get("model") or default_model(dataset)).lower()
     if model.startswith("timm:"):
         # Pretrained timm nets fine-tune best with a small AdamW rate and a short cosine run.
@@ -271,6 +278,11 @@ def config_from(given: dict[str, Any]) -> TrainConfig:
     recipe = given.get("recipe", DEFAULT_RECIPE)
     vals = recipe_values(recipe, given)
     merged = {**vals, **given, "recipe": recipe}
+    if recipe == "auto":
+        from imgclf.training.auto import DATA_KEYS
+
+        # Which keys the data may decide: exactly those the user left unset.
+        merged["extra"] = {**dict(given.get("extra") or {}), "auto": [k for k in DATA_KEYS if k not in given]}
     if isinstance(given.get("model_args"), dict) and isinstance(vals.get("model_args"), dict):
         # --model-args width=16 adjusts the recipe's architecture rather than replacing it.
         merged["model_args"] = {**vals["model_args"], **given["model_args"]}

@@ -133,7 +133,21 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
-    """Fill 'auto' values that depend on the data (model, size, channels, augmentation, splits)."""
+    """Fill 'auto' values that depend on the data (model, size, channels, augmentation, splits).
+
+    With ``recipe: auto`` the listing-level decisions of :func:`imgclf.training.auto.plan` come
+    first; the flip and the learning rate are decided in :meth:`Trainer.setup` (they need the
+    decoded images and the built model).
+    """
+    from imgclf.training import auto
+
+    if cfg.test_split is None:
+        cfg = cfg.replace(test_split=0.2 if index.kind == "digits" else 0.0)
+    if auto.auto_keys(cfg):
+        p = auto.plan(cfg, index)
+        left = [k for k in cfg.extra["auto"] if k not in p.values]
+        reasons = {**cfg.extra.get("auto_reasons", {}), **p.reasons}
+        cfg = cfg.replace(**p.values, extra={**cfg.extra, "auto": left, "auto_reasons": reasons})
     builtin = index.kind in ("idx", "digits")
     grey = index.native_channels == 1
     model = cfg.model or ("lenet" if grey and builtin else "smallervggnet")
@@ -143,8 +157,6 @@ def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
         changes["img_size"] = spec.default_size
     if cfg.channels is None:
         changes["channels"] = 1 if grey else 3
-    if cfg.test_split is None:
-        changes["test_split"] = 0.2 if index.kind == "digits" else 0.0
     if cfg.augment == "auto":
         changes["augment"] = "off" if builtin else "on"
     if cfg.flip == "auto":
@@ -570,10 +582,6 @@ class Trainer:
         check_transfer_config(cfg)  # timm installed, --init-weights readable: fail before decoding
         self.index = D.index_source(cfg.data, cfg.cache_dir)
         cfg = self.cfg = resolve_defaults(cfg, self.index)
-        if self.dist.is_main:
-            atomic_write_bytes(
-                self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
-            )
         size = int(cfg.img_size)
         self.pre = Preprocess(
             (size, size), int(cfg.channels), mean=tuple(cfg.mean or ()), std=tuple(cfg.std or ())
@@ -590,16 +598,7 @@ class Trainer:
         )
         # Built before decoding so a bad --model-args fails at once; nothing in between draws from
         # torch's RNG, so the initial weights are those of a model built after decoding.
-        try:
-            model = create_model(
-                cfg.model,
-                num_classes=len(self.index.classes),
-                in_channels=self.pre.channels,
-                img_size=size,
-                **cfg.model_args,
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
+        model = self._build_model()
         self.data = prepare_data(cfg, self.index, self.pre, self.progress)
         self._write_data_records()
         if not self.resuming:
@@ -611,23 +610,12 @@ class Trainer:
         if self.device.type != "cpu":
             log.info("training on %s", self.device)
         self.binary = num_outputs(len(self.index.classes), get_spec(cfg.model)) == 1
-        self.opt = make_optimizer(self.model, cfg)
-        self.base_lrs = [cfg.lr for _ in self.opt.param_groups]
-        self.aug = None
-        if cfg.augment == "on":
-            self.aug = Augment(
-                cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase
-            )
         self.class_weights = None
         if cfg.class_weights == "auto":
             k = len(self.index.classes)
             counts = np.bincount(self.data.train.labels, minlength=k).astype(np.float64)
             w = counts.sum() / (k * np.maximum(counts, 1))
             self.class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
-        self.ema = _EMA(self.model, cfg.ema) if cfg.ema > 0 else None
-        self.step_model = self.dist.wrap_model(self.model)  # DDP: averages gradients across ranks
-        if cfg.compile:
-            self.step_model = torch.compile(self.model)
         self.bf16 = cfg.precision == "bf16"
         if self.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning(
@@ -636,16 +624,106 @@ class Trainer:
         n = len(self.data.train.labels)
         bs = min(cfg.batch_size, n)
         self.batch_size = bs - bs % self.dist.world_size  # equal shards, so DDP's mean is the global mean
-        self.steps_per_epoch = (
-            n // self.batch_size
-        )  # drop the last partial batch: BN is unstable on tiny ones
+        # Drop the last partial batch: BatchNorm is unstable on tiny ones.
+        self.steps_per_epoch = n // self.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.ck_dir.mkdir(exist_ok=True)
         self.x_all = torch.from_numpy(self.data.train.images)
         self.y_all = torch.from_numpy(self.data.train.labels)
+        self._decide_auto()  # recipe auto: flip and learning rate, then the config is final
+        cfg = self.cfg
+        if self.dist.is_main:
+            atomic_write_bytes(
+                self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
+            )
+        self.aug = self._make_augment()
+        self.opt = make_optimizer(self.model, cfg)
+        self.base_lrs = [cfg.lr for _ in self.opt.param_groups]
+        self.ema = _EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.step_model = self.dist.wrap_model(self.model)  # DDP: averages gradients across ranks
+        if cfg.compile:
+            self.step_model = torch.compile(self.model)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ck_dir.mkdir(exist_ok=True)
         if self.resuming:
             self._restore()
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        try:
+            return create_model(
+                cfg.model,
+                num_classes=len(self.index.classes),
+                in_channels=self.pre.channels,
+                img_size=int(cfg.img_size),
+                **cfg.model_args,
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
+
+    def _make_augment(self) -> Augment | None:
+        cfg = self.cfg
+        if cfg.augment != "on":
+            return None
+        return Augment(cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase)
+
+    def _decide_auto(self) -> None:
+        """``recipe: auto``: decide the flip from the decoded images and the rate by a range test."""
+        from imgclf.training import auto
+
+        keys = auto.auto_keys(self.cfg)
+        reasons = dict(self.cfg.extra.get("auto_reasons", {}))
+        changes: dict[str, Any] = {}
+        if "flip" in keys:
+            on, why = auto.flip_test(self.data.train.images, self.data.train.labels, self.cfg.seed)
+            changes["flip"], reasons["flip"] = ("on" if on else "off"), why
+        if "lr" in keys:
+            self.cfg = self.cfg.replace(**changes)
+            lr, why = None, ""
+            if self.dist.is_main:
+                lr, why = self._range_test()
+            lr, why = self.dist.broadcast((lr, why))
+            changes["lr"], reasons["lr"] = lr, why
+        if not reasons:
+            return
+        extra = {k: v for k, v in self.cfg.extra.items() if k not in ("auto", "auto_reasons")}
+        self.cfg = self.cfg.replace(**changes, extra={**extra, "auto_reasons": reasons}).validate()
+        for key, why in reasons.items():
+            log.info("auto: %s=%s (%s)", key, getattr(self.cfg, key), why)
+
+    def _range_test(self) -> tuple[float, str]:
+        from imgclf.training import auto
+
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        aug = self._make_augment()
+        n, bs = len(self.y_all), self.batch_size
+
+        def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.randint(0, n, (bs,), generator=gen)
+            return make_batch(self.x_all, self.y_all, idx, self.pre, aug, gen, self.device)
+
+        def make_opt(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+            return make_optimizer(model, self.cfg.replace(lr=lr))
+
+        t0 = time.time()
+        lr, why, _ = auto.find_lr(
+            self.model, make_opt, batch, lambda m, x, y: self.loss(m, x, y)[0], self.cfg.optimizer
+        )
+        return lr, f"{why}; {time.time() - t0:.0f} s"
+
+    def loss(
+        self, model: torch.nn.Module, x: torch.Tensor, yb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training loss, predictions) of ``model`` on one batch, as every step computes them."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = model(x)
+        out = out.float()
+        w = self.class_weights
+        if self.binary:
+            loss = F.binary_cross_entropy_with_logits(
+                out[:, 0], yb.float(), weight=None if w is None else w[yb]
+            )
+            return loss, (out[:, 0] > 0).long()
+        return F.cross_entropy(out, yb, weight=w, label_smoothing=self.cfg.label_smoothing), out.argmax(1)
 
     def _write_data_records(self) -> None:
         ds = self.data
@@ -751,18 +829,7 @@ class Trainer:
         f = lr_factor(self.cfg, self.state.step, self.total_steps, self.steps_per_epoch) * self.state.lr_scale
         for g, lr0 in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = lr0 * f
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.step_model(x)
-        out = out.float()
-        w = self.class_weights
-        if self.binary:
-            loss = F.binary_cross_entropy_with_logits(
-                out[:, 0], yb.float(), weight=None if w is None else w[yb]
-            )
-            pred = (out[:, 0] > 0).long()
-        else:
-            loss = F.cross_entropy(out, yb, weight=w, label_smoothing=self.cfg.label_smoothing)
-            pred = out.argmax(1)
+        loss, pred = self.loss(self.step_model, x, yb)
         value = loss.item()
         self.run_callbacks("on_loss", b, value)
         if self.state.failed:
