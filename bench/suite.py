@@ -47,6 +47,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # SmallerVGGNet at 96 px for 100 epochs, hours a run on 28 px clothes here.
     "tutorial-lenet": {"recipe": "tutorial", "model": "lenet"},
     "default": {"recipe": "default"},
+    "auto": {"recipe": "auto"},
 }
 
 

@@ -705,8 +705,10 @@ class Trainer:
             return make_optimizer(model, self.cfg.replace(lr=lr))
 
         t0 = time.time()
+        # At most a few epochs' worth on tiny sets, where the test would cost more than training.
+        steps = min(auto.LR_STEPS, max(30, 4 * self.steps_per_epoch))
         lr, why, _ = auto.find_lr(
-            self.model, make_opt, batch, lambda m, x, y: self.loss(m, x, y)[0], self.cfg.optimizer
+            self.model, make_opt, batch, lambda m, x, y: self.loss(m, x, y)[0], self.cfg.optimizer, steps
         )
         return lr, f"{why}; {time.time() - t0:.0f} s"
 

@@ -1,0 +1,138 @@
+"""The auto recipe: its decisions follow the data, keep the user's values, and repeat for a seed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHARED, _need
+
+import imgclf
+from imgclf.core.preprocess import Preprocess
+from imgclf.data import sources as D
+from imgclf.training import auto
+from imgclf.training.recipes import config_from
+from imgclf.training.trainer import prepare_data, resolve_defaults
+
+
+def _resolved(data: str, **given: object):
+    cfg = config_from({"data": data, **given})
+    index = D.index_source(cfg.data, None)
+    return resolve_defaults(cfg, index), index
+
+
+def test_listing_decisions_follow_each_dataset(sign_dir: Path) -> None:
+    hymeno = _need(SHARED / "hymenoptera")
+    natural = _need(SHARED / "natural-images")
+    sign, _ = _resolved(str(sign_dir))
+    hym, _ = _resolved(str(hymeno))
+    nat, _ = _resolved(str(natural))
+    # Image size: 100 px hands at a 64 px budget; ~370 px insects, few, at the 128 px cap;
+    # 30 px photos at their own size (never upsampled).
+    assert (sign.img_size, hym.img_size, nat.img_size) == (64, 128, 30)
+    # Fewer images: smaller batches, more epochs, stronger augmentation.
+    assert hym.batch_size < sign.batch_size <= nat.batch_size
+    assert hym.epochs >= sign.epochs > nat.epochs
+    assert hym.rotation > nat.rotation
+    assert {sign.model, hym.model, nat.model} == {"resnet10s"}
+    mnist, _ = _resolved("mnist", subset=2000)
+    assert mnist.model == "lenet" and mnist.img_size == 28
+    for cfg in (sign, hym, nat, mnist):
+        assert cfg.extra["auto"] == ["flip", "lr"]  # left for the decoded images and the model
+        assert set(cfg.extra["auto_reasons"]) >= {"img_size", "batch_size", "epochs"}
+
+
+def test_user_values_are_never_decided(sign_dir: Path) -> None:
+    cfg, _ = _resolved(str(sign_dir), model="simplecnn", lr=0.004, epochs=3, flip="on", img_size=48)
+    assert (cfg.model, cfg.lr, cfg.epochs, cfg.flip, cfg.img_size) == ("simplecnn", 0.004, 3, "on", 48)
+    assert "lr" not in cfg.extra["auto"] and "flip" not in cfg.extra["auto"]
+    assert "epochs" not in cfg.extra["auto_reasons"]
+    tut = config_from({"data": str(sign_dir), "recipe": "tutorial", "model": "simplecnn"})
+    assert tut.lr == 1e-3 and tut.epochs == 25 and "auto" not in tut.extra
+
+
+def _decoded(data: str, n: int | None = None):
+    cfg = config_from({"data": data, "subset": n} if n else {"data": data})
+    index = D.index_source(cfg.data, None)
+    cfg = resolve_defaults(cfg, index)
+    return prepare_data(cfg, index, Preprocess((32, 32), int(cfg.channels)), False).train
+
+
+def test_flip_test_turns_flip_off_for_digits_and_hands_on_for_photos(sign_dir: Path) -> None:
+    sign = _decoded(str(sign_dir))
+    mnist = _decoded("mnist", 3000)
+    hym = _decoded(str(_need(SHARED / "hymenoptera")))
+    assert not auto.flip_test(sign.images, sign.labels, 42)[0]
+    assert not auto.flip_test(mnist.images, mnist.labels, 42)[0]
+    assert auto.flip_test(hym.images, hym.labels, 42)[0]
+    # A dataset made of mirror images of itself is flip-invariant by construction.
+    both = np.concatenate([sign.images, sign.images[:, :, ::-1]])
+    on, why = auto.flip_test(both, np.concatenate([sign.labels, sign.labels]), 42)
+    assert on, why
+
+
+def test_find_lr_restores_the_model_and_picks_a_working_rate() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 20, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+
+    def batch(i: int):
+        idx = torch.arange(i * 32, i * 32 + 32) % 512
+        return x[idx], y[idx]
+
+    def make_opt(m: torch.nn.Module, lr: float):
+        return torch.optim.AdamW(m.parameters(), lr=lr)
+
+    lr, why, trace = auto.find_lr(model, make_opt, batch, lambda m, a, b: F.cross_entropy(m(a), b), "adamw")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert 1e-4 <= lr <= 1e-2 and "range test" in why
+    assert len(trace) < auto.LR_STEPS  # the loss blew up at the top of the range and the test stopped
+    # The chosen rate trains the model: 60 steps from scratch reach a low loss.
+    opt = make_opt(model, lr)
+    for i in range(60):
+        a, b = batch(i)
+        loss = F.cross_entropy(model(a), b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(F.cross_entropy(model(x), y).detach()) < 0.3
+
+
+def test_auto_run_is_deterministic_for_a_seed_and_its_config_replays(sign_dir: Path, tmp_path: Path) -> None:
+    keys = {"data": str(sign_dir), "subset": 100, "img_size": 32, "epochs": 1, "tensorboard": False}
+    cfgs = []
+    for name in ("a", "b"):
+        imgclf.train(**keys, out=str(tmp_path / name), progress=False)
+        cfgs.append(json.loads((tmp_path / name / "config.json").read_text()))
+    a, b = cfgs
+    for k in ("lr", "flip", "batch_size", "rotation", "model", "patience"):
+        assert a[k] == b[k], k
+    assert a["extra"]["auto_reasons"]["lr"].startswith("range test")
+    assert "auto" not in a["extra"]  # nothing is left to decide: the file replays the run as it was
+    assert a["lr"] != config_from({"data": str(sign_dir)}).lr  # the rate came from the measurement
+    c = config_from({k: v for k, v in a.items() if k != "out"})
+    assert c.extra["auto"] == [] and c.lr == a["lr"]
+
+
+def test_log_says_what_auto_chose_and_why(sign_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    imgclf.train(data=str(sign_dir), subset=60, img_size=32, epochs=1, out=str(run), progress=False)
+    log = (run / "train.log").read_text()
+    for key in ("model", "batch_size", "patience", "flip", "lr"):
+        line = next((ln for ln in log.splitlines() if f"auto: {key}=" in ln), "")
+        assert "(" in line, f"no reasoned auto line for {key}"
+    assert "auto: img_size" not in log and "auto: epochs" not in log  # given, so not decided
+
+
+@pytest.mark.parametrize("recipe", ["best", "tutorial", "default"])
+def test_other_recipes_decide_nothing(sign_dir: Path, recipe: str) -> None:
+    cfg = config_from({"data": str(sign_dir), "recipe": recipe, "model": "simplecnn"})
+    assert auto.auto_keys(cfg) == set()
