@@ -136,3 +136,45 @@ def test_log_says_what_auto_chose_and_why(sign_dir: Path, tmp_path: Path) -> Non
 def test_other_recipes_decide_nothing(sign_dir: Path, recipe: str) -> None:
     cfg = config_from({"data": str(sign_dir), "recipe": recipe, "model": "simplecnn"})
     assert auto.auto_keys(cfg) == set()
+
+
+def test_fine_tuning_trains_the_head_first_then_every_layer(
+    sign_dir: Path, small_sign_folder: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    base = dict(data=str(sign_dir), subset=60, img_size=32, model="simplecnn", tensorboard=False, lr=1e-3)
+    # The source knows 3 classes, the target 10: the head is new, everything else is loaded.
+    src_keys = {**base, "data": str(small_sign_folder(tmp_path / "three")), "subset": None}
+    src = imgclf.train(**src_keys, epochs=1, out=str(tmp_path / "src"), progress=False)
+    cfg, _ = _resolved(str(sign_dir), model="simplecnn", init_weights=str(src.bundle_dir), epochs=10)
+    assert cfg.freeze_epochs == 1 and cfg.layer_lr_min == 0.01  # auto chose fastai-style fine-tuning
+
+    loaded = load_file(str(src.bundle_dir / "model.safetensors"))
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(imgclf.Callback):
+        def on_train_begin(self, trainer):  # noqa: ANN001
+            self.on_epoch_end(trainer, 0, {})
+
+        def on_epoch_end(self, trainer, epoch, logs):  # noqa: ANN001
+            seen.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+
+    imgclf.train(
+        **{**base, "data": str(sign_dir), "seed": 7},
+        init_weights=str(src.bundle_dir),
+        freeze_epochs=1,
+        layer_lr_min=0.01,
+        epochs=2,
+        out=str(tmp_path / "ft"),
+        progress=False,
+        callbacks=[Snapshot()],
+    )
+    first_conv = next(k for k in loaded if k.endswith("weight") and loaded[k].ndim == 4)
+    start = seen[0]
+    head = [k for k in seen[0] if k.endswith("weight") and seen[0][k].ndim == 2][-1]
+    assert head in loaded and loaded[head].shape != seen[0][head].shape
+    seen.pop(0)  # the state at the start
+    assert torch.equal(seen[0][first_conv], loaded[first_conv])  # frozen during epoch 1
+    assert not torch.equal(start[head], seen[0][head])  # while the new head trained
+    assert not torch.equal(seen[1][first_conv], loaded[first_conv])  # then every layer trains

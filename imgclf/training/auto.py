@@ -58,7 +58,10 @@ DATA_KEYS = (
     "zoom",
     "flip",
     "lr",
+    "freeze_epochs",
+    "layer_lr_min",
 )
+LATE_KEYS = ("flip", "lr")  # decided in Trainer.setup: they need decoded images / the built model
 PIXEL_BUDGET = 8_000_000  # training pixels per epoch that set the image size (about 1 min an epoch here)
 SIZES = (32, 48, 64, 96, 128)
 TARGET_STEPS = 2000  # optimizer steps a run aims at; epochs = this / steps per epoch, within EPOCHS
@@ -163,6 +166,13 @@ def plan(cfg: Any, index: D.SourceIndex) -> Plan:
         )
     if "patience" in keys:
         p.set("patience", max(5, epochs // 3), "stop when val loss has not improved for a third of the run")
+    if cfg.init_weights or cfg.pretrained:
+        # Fine-tune as fastai's fine_tune: the new head alone first, then every layer with rates
+        # that shrink towards the input (early layers hold the most general features).
+        if "freeze_epochs" in keys:
+            p.set("freeze_epochs", max(1, epochs // 10), "starting from loaded weights: the new head first")
+        if "layer_lr_min" in keys:
+            p.set("layer_lr_min", 0.01, "starting from loaded weights: first layer at lr/100, as fastai")
     # Fewer images per class -> stronger augmentation (more invariance must come from it).
     per_class = n / max(k, 1)
     strength = 1.0 if per_class < 200 else 0.5 if per_class < 1000 else 0.25

@@ -154,6 +154,24 @@ class TrainConfig:
             "'imgclf[timm]' and network access the first time)"
         ),
     )
+    freeze_epochs: int = option(
+        default=0,
+        help=(
+            "fine-tuning: train only the layers that --init-weights/--pretrained did not load (the new "
+            "head) for this many epochs first, as fastai's fine_tune"
+        ),
+        ge=0,
+    )
+    layer_lr_min: float = option(
+        default=1.0,
+        help=(
+            "fine-tuning: learning-rate multiplier of the first loaded layer; the loaded layers' "
+            "multipliers rise geometrically to 1 at the last, new layers get 1 (0.01 = fastai's "
+            "slice(lr/100, lr); 1 = one rate for all)"
+        ),
+        gt=0,
+        le=1,
+    )
     out: str = option(
         default="runs/train", help="run folder to create (model/, history.csv, metrics.json, plot.png, logs)"
     )

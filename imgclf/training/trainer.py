@@ -145,7 +145,7 @@ def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
         cfg = cfg.replace(test_split=0.2 if index.kind == "digits" else 0.0)
     if auto.auto_keys(cfg):
         p = auto.plan(cfg, index)
-        left = [k for k in cfg.extra["auto"] if k not in p.values]
+        left = [k for k in cfg.extra["auto"] if k in auto.LATE_KEYS and k not in p.values]
         reasons = {**cfg.extra.get("auto_reasons", {}), **p.reasons}
         cfg = cfg.replace(**p.values, extra={**cfg.extra, "auto": left, "auto_reasons": reasons})
     builtin = index.kind in ("idx", "digits")
@@ -173,21 +173,39 @@ def resolve_defaults(cfg: TrainConfig, index: D.SourceIndex) -> TrainConfig:
     return cfg.replace(**changes).validate()  # e.g. --mean with one value per resolved channel
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for p in model.parameters():
+def _param_groups(
+    model: torch.nn.Module, weight_decay: float, mults: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Parameter groups: decay or not (1-D tensors: BN weights and biases), times each lr multiplier."""
+    mults = mults or {}
+    groups: dict[tuple[bool, bool, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         # BatchNorm weights and all biases are 1-D: decaying them hurts accuracy.
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        key = (p.ndim > 1, name in mults, mults.get(name, 1.0))
+        groups.setdefault(key, []).append(p)
+    if not groups:
+        groups[(True, False, 1.0)] = []
+    # Decayed first, then not decayed: the order of checkpoints written before fine-tuning existed.
+    order = sorted(groups, key=lambda k: (not k[0], k[1], k[2]))
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "loaded": k[1], "lr_mult": k[2]}
+        for k in order
     ]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+def layer_lr_mults(model: torch.nn.Module, loaded: set[str], lowest: float) -> dict[str, float]:
+    """Multipliers of the loaded parameters: ``lowest`` for the first up to 1 for the last, geometric."""
+    names = [n for n, _ in model.named_parameters() if n in loaded]
+    last = max(1, len(names) - 1)
+    return {n: lowest ** (1 - i / last) for i, n in enumerate(names)}
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, mults: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay, mults)
     # fused=True: one CPU kernel per parameter instead of ~10 elementwise ops; measured
     # 1.3-2x faster optimizer steps here (bench/train_speed.py), same update rule.
     if cfg.optimizer == "adam":
@@ -601,8 +619,10 @@ class Trainer:
         model = self._build_model()
         self.data = prepare_data(cfg, self.index, self.pre, self.progress)
         self._write_data_records()
-        if not self.resuming:
-            init_model(model, cfg)  # --init-weights / --pretrained (a resumed run loads its checkpoint)
+        # --init-weights / --pretrained; a resumed run loads them too (its checkpoint then replaces
+        # them) so that fine-tuning knows which layers were loaded.
+        reports = init_model(model, cfg)
+        self.loaded = {n for r in reports for n in r.loaded + r.adapted}
         self.device = resolve_device(cfg.device)
         if self.dist.world_size > 1 and self.device.type != "cpu":
             raise ConfigError("--ray-workers trains on CPUs (gloo); leave --device at cpu")
@@ -636,8 +656,18 @@ class Trainer:
                 self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
             )
         self.aug = self._make_augment()
-        self.opt = make_optimizer(self.model, cfg)
-        self.base_lrs = [cfg.lr for _ in self.opt.param_groups]
+        self.opt = make_optimizer(self.model, cfg, layer_lr_mults(self.model, self.loaded, cfg.layer_lr_min))
+        self.base_lrs = [cfg.lr * g["lr_mult"] for g in self.opt.param_groups]
+        # Freezing needs new layers to train: with every tensor loaded there is nothing to warm up.
+        new_layers = any(n not in self.loaded for n, _ in self.model.named_parameters())
+        self.freeze_epochs = cfg.freeze_epochs if self.loaded and new_layers else 0
+        if self.freeze_epochs:
+            log.info(
+                "fine-tuning: %d loaded tensors frozen for %d epoch(s), then lr x%g (first) to x1",
+                len(self.loaded),
+                cfg.freeze_epochs,
+                cfg.layer_lr_min,
+            )
         self.ema = _EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         self.step_model = self.dist.wrap_model(self.model)  # DDP: averages gradients across ranks
         if cfg.compile:
@@ -829,8 +859,11 @@ class Trainer:
     def train_step(self, b: int, x: torch.Tensor, yb: torch.Tensor) -> tuple[float | None, torch.Tensor]:
         """Forward, loss, callbacks' veto, backward, update. Returns (loss, predictions); loss None = stop."""
         f = lr_factor(self.cfg, self.state.step, self.total_steps, self.steps_per_epoch) * self.state.lr_scale
+        # Fine-tuning's first epochs train only the new layers: the loaded ones get a zero rate,
+        # which also stops their weight decay.
+        frozen = self.state.epoch < self.freeze_epochs
         for g, lr0 in zip(self.opt.param_groups, self.base_lrs):
-            g["lr"] = lr0 * f
+            g["lr"] = 0.0 if frozen and g.get("loaded", False) else lr0 * f
         loss, pred = self.loss(self.step_model, x, yb)
         value = loss.item()
         self.run_callbacks("on_loss", b, value)
