@@ -13,6 +13,7 @@ these and reported on the fourth; the table has one row per dataset for that rea
 
   python bench/suite.py --config tutorial-smallervggnet           # hours on 2 cores
   python bench/suite.py --config best --datasets sign hymeno --quick   # minutes: few epochs
+  python bench/suite.py --table                                   # every configuration, one table
 
 Writes bench/results/suite-<config>.json and prints a Markdown table.
 """
@@ -48,6 +49,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tutorial-lenet": {"recipe": "tutorial", "model": "lenet"},
     "default": {"recipe": "default"},
     "auto": {"recipe": "auto"},
+    # imgclf tune with --budget seconds a dataset; the row is the best-by-validation trial's test.
+    "tune": {},
 }
 
 
@@ -111,13 +114,56 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# Columns of the combined table (python bench/suite.py --table): file suffix -> heading.
+TABLE = [
+    ("auto", "auto (default)"),
+    ("tutorial-smallervggnet", "tutorial SmallerVGGNet"),
+    ("tutorial-simplecnn", "tutorial SimpleCNN"),
+    ("tutorial-lenet", "tutorial LeNet"),
+    ("best", "old best"),
+    ("tune", "tune"),
+]
+
+
+def table(results: Path) -> str:
+    """One Markdown table of every configuration's rows found in ``results`` (test % and train s)."""
+    cols = [
+        (k, h, json.loads(f.read_text())) for k, h in TABLE if (f := results / f"suite-{k}.json").exists()
+    ]
+    lines = [
+        "| dataset | " + " | ".join(h for _, h, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for ds in ("sign", "hymeno", "natural", "fashion"):
+        cells = []
+        for _, _, res in cols:
+            r = res["rows"].get(ds)
+            if r is None or r.get("test_accuracy") is None:
+                cells.append("not run")
+            else:
+                mark = " (earlier run)" if r.get("source") else ""
+                cells.append(
+                    f"{100 * r['test_accuracy']:.2f} % ({r['model']} {r['img_size']} px, "
+                    f"{r['epochs_run']} ep, {r['train_time_s']:.0f} s){mark}"
+                )
+        lines.append(f"| {ds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if "--table" in sys.argv:
+        print(table(ROOT / "bench" / "results"), end="")
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--table", action="store_true", help="print the combined table of bench/results/suite-*.json"
+    )
     ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
     ap.add_argument("--datasets", nargs="+", default=["sign", "hymeno", "natural", "fashion"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more imgclf.train keys")
     ap.add_argument("--quick", action="store_true", help="3 epochs (rows marked partial)")
     ap.add_argument("--fashion-subset", type=int, default=12000)
+    ap.add_argument("--budget", type=float, default=1800, help="--config tune: seconds of search a dataset")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -130,16 +176,27 @@ def main() -> None:
     rows = {}
     for ds in a.datasets:
         t0, load0 = time.time(), os.getloadavg()
-        res = imgclf.train(
-            **dataset_args(ds, work, a.fashion_subset), **keys, out=str(work / ds), progress=False
-        )
-        cfg = json.loads((res.run_dir / "config.json").read_text())
+        if a.config == "tune":
+            from imgclf.training.tune import tune
+
+            given = {**dataset_args(ds, work, a.fashion_subset), **keys}
+            found = tune(given, budget_s=a.budget, out=work / f"{ds}-tune")
+            run_dir = Path(found.best_trial_dir)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            extra = {"trials": found.n_trials, "pruned": found.n_pruned, "search_s": round(found.spent_s)}
+        else:
+            res = imgclf.train(
+                **dataset_args(ds, work, a.fashion_subset), **keys, out=str(work / ds), progress=False
+            )
+            run_dir, metrics, extra = res.run_dir, res.metrics, {}
+        cfg = json.loads((run_dir / "config.json").read_text())
         rows[ds] = {
-            "test_accuracy": res.metrics.get("test_accuracy"),
-            "test_size": res.metrics.get("test_size"),
-            "train_time_s": res.metrics["train_time_s"],
+            **extra,
+            "test_accuracy": metrics.get("test_accuracy"),
+            "test_size": metrics.get("test_size"),
+            "train_time_s": metrics["train_time_s"],
             "wall_s": round(time.time() - t0, 1),
-            "epochs_run": res.metrics["epochs_run"],
+            "epochs_run": metrics["epochs_run"],
             "model": cfg["model"],
             "img_size": cfg["img_size"],
             "date": time.strftime("%Y-%m-%d %H:%M"),
