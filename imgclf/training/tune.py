@@ -89,7 +89,6 @@ MAX_FAILED_IN_A_ROW = 5  # so many crashes in a row mean the fixed keys are brok
 TRIAL_ONLY = {"tensorboard": False}  # what every trial sets and best.yaml leaves out
 STUDY_NAME = "imgclf-tune"
 JOURNAL = "study.journal"
-STATES = ("complete", "pruned", "failed")
 
 
 @dataclass
@@ -215,20 +214,38 @@ class TrialReporter(Callback):
 
     def on_train_begin(self, trainer: Trainer) -> None:
         if self.quiet:
-            for h in logging.getLogger("imgclf").handlers:
-                if not isinstance(h, logging.FileHandler):
-                    h.addFilter(_QUIET)
+            _quiet_stderr()  # the Trainer adds its stderr handler in its first run
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, logs: dict[str, float]) -> None:
         self.epochs = epoch
         self.last = {"val_acc": float(logs["val_acc"]), "val_loss": float(logs["val_loss"])}
-        reason = self.report(epoch, float(logs["val_acc"]), logs)
+        # The built-in callbacks ran first: EarlyStopping may have ended the run at this epoch.
+        state = getattr(trainer, "state", None)
+        final = epoch >= self.planned_epochs or bool(getattr(state, "stop_training", False))
+        reason = self.report(epoch, float(logs["val_acc"]), {**logs, "final": final})
         if reason:
             self.pruned, self.stop_reason = True, reason
             trainer.stop(reason)
         elif self.deadline is not None and time.monotonic() >= self.deadline and epoch < self.planned_epochs:
             self.out_of_time, self.stop_reason = True, f"search budget spent after epoch {epoch}"
             trainer.stop(self.stop_reason)
+
+
+def _quiet_stderr() -> None:
+    """Warnings only on the imgclf logger's stream handlers (its train.log files keep everything)."""
+    from imgclf.training import trainer
+
+    logger = logging.getLogger("imgclf")
+    # The Trainer adds its stderr handler at the start of its first run, before any callback
+    # runs; adding that handler here first lets the filter hide the first trial's set-up lines too.
+    stderr_cls = getattr(trainer, "_CurrentStderr", None)
+    if stderr_cls is not None and not any(isinstance(h, stderr_cls) for h in logger.handlers):
+        sh = stderr_cls()
+        sh.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(sh)
+    for h in logger.handlers:
+        if not isinstance(h, logging.FileHandler):
+            h.addFilter(_QUIET)
 
 
 @contextlib.contextmanager
@@ -256,6 +273,8 @@ def run_trial(
 ) -> dict[str, Any]:
     """Train one trial into ``run_dir``; returns its metrics (raises what training raises)."""
     cfg = config_from({**fixed, **params, **TRIAL_ONLY, "out": str(run_dir)})
+    if reporter.quiet:
+        _quiet_stderr()
     return train(cfg, progress=False, callbacks=[reporter]).metrics
 
 
@@ -329,10 +348,18 @@ def _open_study(optuna: Any, out: Path, fixed: dict[str, Any], space: dict[str, 
         study.set_user_attr("setup", setup)
         study.set_user_attr("spent_s", 0.0)
     elif study.user_attrs["setup"] != setup:
+        was = study.user_attrs["setup"]
+        keys = sorted(set(was["fixed"]) | set(setup["fixed"]))
+        diff = [
+            f"{k}: {was['fixed'].get(k, '(not set)')} -> {setup['fixed'].get(k, '(not set)')}"
+            for k in keys
+            if was["fixed"].get(k) != setup["fixed"].get(k)
+        ]
+        if was["space"] != setup["space"]:
+            diff.append(f"searched: {','.join(was['space'])} -> {','.join(setup['space'])}")
         raise ConfigError(
-            f"{out} holds a search with other fixed keys or another space "
-            f"({json.dumps(study.user_attrs['setup'], sort_keys=True)}); resume it with the same options, "
-            "or choose another --out"
+            f"{out} holds a search with other fixed keys ({'; '.join(diff)}); resume it with the same "
+            "options, or choose another --out"
         )
     # A trial left RUNNING was cut off by a kill: it is over, not resumable (its row says so).
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -352,7 +379,7 @@ def tune(
     out: str | Path,
     trials: int | None = None,
     max_epochs: int = MAX_EPOCHS,
-    min_epochs: int = 1,
+    min_epochs: int | None = None,
     pruner: str = "asha",
     ray_address: str | None = None,
     ray_cpus_per_trial: int = 2,
@@ -365,15 +392,25 @@ def tune(
     ``budget_s`` and ``trials`` count the whole search in ``out``: calling again with the same
     arguments resumes it and spends only what is left (raise them to search more). Writes
     ``out/best.yaml`` (for ``imgclf train --config``), ``out/trials.csv``, ``out/summary.json``,
-    and every trial's run folder under ``out/trials/``. ``progress`` prints a line per finished
-    trial and the final table; ``quiet`` keeps the trials' epoch lines out of stderr.
+    and every trial's run folder under ``out/trials/``.
+
+    Each trial trains ``max_epochs`` (or ``given["epochs"]``) unless ``pruner`` (``asha``,
+    ``hyperband`` or ``none``) stops it at a rung (``min_epochs`` x 3**k; default a tenth of a
+    trial). ``ray_address`` (``local``, ``auto``, ``ray://HOST:10001``) runs the trials on Ray Tune
+    with ``ray_cpus_per_trial`` CPUs each. ``space`` replaces :data:`SPACE`. ``progress`` prints a
+    line per finished trial and the final table; ``quiet`` keeps the trials' own log lines out of
+    stderr (their train.log has them). Raises :class:`TrainingError` when no trial gave a value.
     """
     if not budget_s > 0:
         raise ConfigError(f"budget {budget_s!r}: give a positive number of seconds")
     if trials is not None and trials < 1:
         raise ConfigError(f"trials={trials}: give at least 1")
-    if max_epochs < 1 or not 1 <= min_epochs <= max_epochs:
-        raise ConfigError(f"epochs: need 1 <= min_epochs ({min_epochs}) <= max_epochs ({max_epochs})")
+    planned = int(given.get("epochs", max_epochs))  # epochs the user fixed are kept
+    if min_epochs is None:
+        # First rung at a tenth of a full trial: epoch-1 accuracies (mid warm-up) rank trials poorly.
+        min_epochs = max(1, planned // 10)
+    if planned < 1 or not 1 <= min_epochs <= planned:
+        raise ConfigError(f"epochs: need 1 <= min_epochs ({min_epochs}) <= epochs of a trial ({planned})")
     if given.get("ray_workers"):
         raise ConfigError(
             "tune trains each trial in one process: leave out ray_workers (use --ray-address to spread "
@@ -393,18 +430,19 @@ def tune(
     index_source(cfg.data, cfg.cache_dir)  # a missing folder fails here, once
     out.mkdir(parents=True, exist_ok=True)
     if ray_address:
-        rows, spent = _ray_search(
-            fixed,
-            dims,
-            out,
-            budget_s,
-            trials,
-            int(fixed["epochs"]),
-            min_epochs,
-            ray_address,
-            ray_cpus_per_trial,
-            quiet,
-        )
+        with _quiet_search():
+            rows, spent = _ray_search(
+                fixed,
+                dims,
+                out,
+                budget_s,
+                trials,
+                int(fixed["epochs"]),
+                min_epochs,
+                ray_address,
+                ray_cpus_per_trial,
+                quiet,
+            )
         return _checked(_finish(rows, fixed, out, budget_s, spent, progress, study_path=out / "ray"))
     optuna = _require_optuna()
     with _quiet_search():
@@ -470,7 +508,7 @@ def _optuna_loop(
             trial.report(value, epoch)
             study.set_user_attr("spent_s", spent())  # a kill loses at most one epoch of the budget
             if trial.should_prune():
-                return f"pruned at epoch {epoch} (val acc {value:.4f})"
+                return f"pruned at epoch {epoch}"
             return None
 
         reporter = TrialReporter(
@@ -531,13 +569,29 @@ def _ray_objective(config: dict[str, Any], fixed: dict[str, Any], trials_dir: st
 
     def report(epoch: int, value: float, logs: dict[str, float]) -> str | None:
         # ASHAScheduler stops this trial from outside when it is pruned; Ray ends the time budget.
-        rtune.report({"val_acc": value, "val_loss": float(logs["val_loss"]), "epoch": epoch})
+        rtune.report(
+            {"val_acc": value, "val_loss": float(logs["val_loss"]), "epoch": epoch, "finished": logs["final"]}
+        )
         return None
 
     reporter = TrialReporter(report, planned_epochs=int(fixed["epochs"]), quiet=quiet)
     metrics = run_trial(fixed, config, Path(trials_dir) / str(trial_id), reporter)
     if metrics.get("stop_reason"):
         raise TrainingError(str(metrics["stop_reason"]).splitlines()[0])
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # Ray's default names hold every parameter and overflow paths
+
+
+class _DefineByRun:
+    """:func:`suggest` as OptunaSearch's define-by-run space (a class: Ray saves its searcher's state)."""
+
+    def __init__(self, space: dict[str, Dim]) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        suggest(trial, self.space)
 
 
 def _ray_search(
@@ -579,7 +633,9 @@ def _ray_search(
             tuner = rtune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=False)
         else:
             searcher = OptunaSearch(
-                space=lambda trial: suggest(trial, space),
+                space=_DefineByRun(space),
+                metric="val_acc",
+                mode="max",
                 sampler=optuna.samplers.TPESampler(seed=int(fixed.get("seed", 42)), n_startup_trials=5),
             )
             tuner = rtune.Tuner(
@@ -591,6 +647,7 @@ def _ray_search(
                     scheduler=ASHAScheduler(max_t=max_epochs, grace_period=min_epochs, reduction_factor=3),
                     num_samples=trials or -1,
                     time_budget_s=budget_s,
+                    trial_dirname_creator=_trial_dirname,
                 ),
                 run_config=rtune.RunConfig(name="ray", storage_path=str(out), verbose=0 if quiet else 1),
             )
@@ -601,14 +658,15 @@ def _ray_search(
             epochs = int(m.get("training_iteration", 0))
             if r.error is not None:
                 state, note = "failed", _one_line(r.error)
-            elif epochs >= max_epochs:
+            elif m.get("finished"):
                 state, note = "complete", ""
             else:
                 state, note = "pruned", f"stopped by ASHA or the budget at epoch {epochs}"
             val = m.get("val_acc")
+            tag = str(m.get("experiment_tag", ""))  # "3_lr=...": Ray's 1-based trial sequence
             rows.append(
                 TrialRow(
-                    number=i,
+                    number=int(tag.split("_")[0]) - 1 if tag.split("_")[0].isdigit() else 10_000 + i,
                     state=state,
                     value=float(val) if val is not None and state != "failed" else None,
                     val_loss=m.get("val_loss"),
@@ -616,7 +674,7 @@ def _ray_search(
                     seconds=round(float(m.get("time_total_s", 0.0)), 2),
                     params={k: v for k, v in (r.config or {}).items() if k in space},
                     note=note,
-                    run_dir=str(out / "trials" / str(m.get("trial_id", ""))),
+                    run_dir=str(out / "trials" / str(m.get("trial_id", ""))) if m.get("trial_id") else "",
                 )
             )
         return rows, time.monotonic() - t0
