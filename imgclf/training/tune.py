@@ -60,7 +60,7 @@ class Dim:
 # The models a search tries when --model is not given: the fast architectures that suit each kind
 # of data (photos in folders; greyscale built-ins such as digits and MNIST).
 SEARCH_MODELS: dict[str, tuple[str, ...]] = {
-    "colour": ("smallervggnet", "simplecnn", "resnet20"),
+    "colour": ("resnet10s", "smallervggnet", "simplecnn", "resnet20"),
     "grey": ("lenet", "minivgg", "resnet20"),
 }
 # Square input sides tried when --img-size is not given; small ones first: they train fastest.
