@@ -36,6 +36,7 @@ def test_registry_contents() -> None:
             "simplecnn",
             "minivgg",
             "resnet20",
+            "resnet10s",
             "mobilenetv3_small",
         ]
     )
