@@ -84,22 +84,24 @@ def test_train_cli_end_to_end_on_digits(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["epochs_run"] == 2 and summary["test_accuracy"] > 0.8
+    # Two epochs under the auto recipe's augmentation (full strength below 200 images a class):
+    # well above chance (10 %), not converged (79 % here; 46 epochs give 97.8 %).
+    assert summary["epochs_run"] == 2 and summary["test_accuracy"] > 0.7
     assert "epoch 2/2" in r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"] == "lenet" and cfg["epochs"] == 2 and cfg["tensorboard"] is False
 
 
 def test_config_file_keys_beat_the_recipe_even_at_default_values(tmp_path: Path) -> None:
-    # digits' best recipe sets lr 2e-3, batch 32 and AdamW; the file asks for the plain
-    # defaults lr 1e-3 and adam, which must win, and the command line beats the file.
+    # The auto recipe sets AdamW and measures the lr; the file asks for the plain defaults
+    # lr 1e-3 and adam, which must win, and the command line beats the file.
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"data": "digits", "lr": 0.001, "optimizer": "adam", "epochs": 3}))
     out = tmp_path / "run"
     r = _run("train", "--config", str(cfg_file), "--epochs", "1", "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["lr"], cfg["optimizer"], cfg["epochs"], cfg["recipe"]) == (0.001, "adam", 1, "best")
+    assert (cfg["lr"], cfg["optimizer"], cfg["epochs"], cfg["recipe"]) == (0.001, "adam", 1, "auto")
     assert cfg["weight_decay"] == 0.05  # keys the file leaves out still come from the recipe
     cfg_file.write_text(json.dumps({"data": "digits", "lr": 0.001, "lrr": 2}))
     r = _run("train", "--config", str(cfg_file), "--out", str(tmp_path / "r2"), "--no-progress")

@@ -19,9 +19,11 @@ DESCRIPTION = (
     "  imgclf train --data path/to/dataset --model smallervggnet --out runs/pokedex\n"
     "  imgclf train --data mnist --model lenet --epochs 20 --out runs/mnist\n"
     "  imgclf train --resume runs/mnist          (continue an interrupted run)\n\n"
-    "The recipe (--recipe best by default) sets the training values for the chosen data and\n"
-    "model (see docs/ACCURACY.md); any option given here overrides it. The defaults printed\n"
-    "below are the plain values, used where no recipe value applies."
+    "The recipe (--recipe auto by default) decides the training values from your data: model,\n"
+    "image size, batch size, epochs, augmentation, flip and a learning-rate range test, each\n"
+    "logged with its reason (docs/ACCURACY.md). Any option given here is kept as given. The\n"
+    "defaults printed below are the plain values, used where no recipe value applies.\n"
+    "To search instead: imgclf tune --data DIR --budget 30m (docs/TUNE.md)."
 )
 
 
