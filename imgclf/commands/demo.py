@@ -17,7 +17,12 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder (replaced if it holds an earlier demo)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the auto recipe decides from the data)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: the auto recipe decides from the data)",
+    )
     p.add_argument("--samples", type=int, default=8, help="test images to write and classify")
 
 
