@@ -302,3 +302,14 @@ def test_ray_tune_local(tmp_path: Path) -> None:
         assert r.state == "complete" if r.epochs_run == 2 else r.state == "pruned"
     best = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert best["lr"] == T.best_row(res.rows).params["lr"] and best["epochs"] == 2
+
+
+def test_first_trial_starts_from_the_auto_recipes_choice(fake, tmp_path: Path) -> None:
+    fake(lambda n, e: 0.5)
+    given = {"data": "digits", "recipe": "best", "img_size": 16}
+    r = T.tune(given, budget_s=600, out=tmp_path, trials=2, max_epochs=2, pruner="none")
+    first, second = r.rows[0].params, r.rows[1].params
+    assert first["model"] == T.SEARCH_MODELS["grey"][0] and first["optimizer"] == "adamw"
+    assert first["lr"] == T.START["lr"] and first["batch_size"] == T.START["batch_size"]
+    assert second != first  # then the sampler draws
+    assert T.start_point({"img_size": T.Dim("size", choices=(32, 48))}) == {}  # 64 not offered
