@@ -135,6 +135,14 @@ class RayDist(DistContext):
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)  # a barrier: every rank reports once per epoch
+        if os.environ.get(FAIL_AT_EPOCH_ENV):
+            import torch.distributed as tdist
+
+            # Test hook only: report() returns on each rank on its own, so without this the
+            # failing rank could raise before rank 0 has stored the checkpoint (a flaky restart
+            # from scratch). report() with a checkpoint returns once it is stored.
+            if tdist.is_initialized():
+                tdist.barrier()
         _maybe_fail(epoch, self.rank, self.world_size)
 
 
