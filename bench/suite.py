@@ -151,14 +151,13 @@ def table(results: Path) -> str:
 
 
 def main() -> None:
-    if "--table" in sys.argv:
-        print(table(ROOT / "bench" / "results"), end="")
-        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--table", action="store_true", help="print the combined table of bench/results/suite-*.json"
     )
-    ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    ap.add_argument(
+        "--config", choices=sorted(CONFIGS), help="the configuration to run (needed without --table)"
+    )
     ap.add_argument("--datasets", nargs="+", default=["sign", "hymeno", "natural", "fashion"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more imgclf.train keys")
     ap.add_argument("--quick", action="store_true", help="3 epochs (rows marked partial)")
@@ -167,6 +166,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.table:
+        print(table(ROOT / "bench" / "results"), end="")
+        return
+    if a.config is None:
+        ap.error("give --config NAME (or --table)")
     work = Path(tempfile.mkdtemp(prefix="imgclf-suite-"))
     keys = {**CONFIGS[a.config], **parse_set(a.set), "tensorboard": False}
     if a.quick:

@@ -10,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+from imgclf.commands import key_value
 from imgclf.training.config import DEFAULT_RECIPE, TrainConfig
 
 NAME = "train"
@@ -35,17 +36,6 @@ def _base_type(tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _base_type(args[0])
     return tp
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with VALUE read as JSON when it parses (2, 0.5, true, [1,2]), else as a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. blocks=2)")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif tp is dict or typing.get_origin(tp) is dict:
             p.add_argument(
-                flag, dest=f.name, type=_key_value, nargs="+", metavar="KEY=VALUE", default=None, help=h
+                flag, dest=f.name, type=key_value, nargs="+", metavar="KEY=VALUE", default=None, help=h
             )
         elif tp is list or typing.get_origin(tp) is list:
             p.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=h)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from typing import Any
+
+from imgclf.commands import key_value
 
 NAME = "tune"
 HELP = "search training hyperparameters within a time budget; writes a config for imgclf train"
@@ -36,17 +37,6 @@ def parse_budget(text: str) -> float:
     if not (seconds > 0 and math.isfinite(seconds)):
         raise argparse.ArgumentTypeError(f"{text!r}: the budget must be more than 0 seconds")
     return seconds
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    """KEY=VALUE, the value read as JSON when it parses (0.01, true, [1,2]), else as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. lr=0.01)")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         dest="sets",
-        type=_key_value,
+        type=key_value,
         nargs="+",
         action="extend",
         metavar="KEY=VALUE",

@@ -7,7 +7,8 @@ Nothing here looks a dataset up by name. The decisions, each logged with its rea
   and the number of epochs (from the training-set size), early-stopping patience and the
   augmentation strength;
 * from the decoded training images (:func:`flip_test`): whether a horizontal flip keeps an
-  image in its class (mirrored class means are compared with a nearest-mean classifier);
+  image in its class (held-out images, as they are and mirrored, go through a nearest-class-mean
+  classifier);
 * from a short measurement on the built model (:func:`find_lr`): the learning rate, by a
   range test as fastai's ``lr_find`` (Smith 2017): the rate rises exponentially over a few
   dozen steps and the choice is a tenth of the rate with the lowest smoothed loss.
