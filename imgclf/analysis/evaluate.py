@@ -29,10 +29,17 @@ import numpy as np
 from imgclf.core.files import display_path
 from imgclf.data import sources as D
 from imgclf.runtime.bundle import Bundle, load_bundle, recorded_splits
+from imgclf.runtime.calibration import (
+    ECE_BINS,
+    calibration_record,
+    expected_calibration_error,
+    fit_temperature,
+    log_probs,
+    uncalibrate,
+)
 
 log = logging.getLogger("imgclf")
 
-ECE_BINS = 15
 SPLITS = ("test", "val", "all")
 # Hue rotations used by the colour-bias probe, as fractions of the colour wheel.
 HUE_SHIFTS = (0.25, 0.5)
@@ -187,24 +194,6 @@ def select_items(bundle: Bundle, index: D.SourceIndex, split: str | None = None)
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """ECE over ``n_bins`` equal-width confidence bins (see the module docstring)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if len(probs) == 0:
-        return float("nan")
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # right=True puts confidence c in the bin (edges[b], edges[b+1]].
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = which == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
 
 
 def compute_metrics(
@@ -446,6 +435,10 @@ def evaluate(
     if tta_name:
         metrics["tta"] = tta_name
     metrics.update(compute_metrics(dec.labels, probs, bundle.classes, top_k))
+    if bundle.temperature != 1.0:
+        metrics["temperature"] = bundle.temperature
+        raw = uncalibrate(probs, bundle.temperature)
+        metrics["ece_uncalibrated"] = expected_calibration_error(raw, dec.labels)
     metrics["failed_files"] = failed
     if sel.missing:
         metrics["missing_recorded_files"] = sel.missing
@@ -470,6 +463,47 @@ def evaluate(
     if out is not None:
         write_evaluation(result, out, n_wrong=n_wrong)
     return result
+
+
+def recalibrate(
+    bundle: Bundle | str | Path,
+    data: str | Path | None = None,
+    *,
+    split: str | None = None,
+    progress: bool = False,
+    cache_dir: str | None = None,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Fit the bundle's temperature anew on ``data`` and return the new ``calibration`` record.
+
+    ``split`` None: the run's recorded validation split when ``data`` is the training data, else
+    every image of ``data`` (a folder kept apart for calibration). Never the test split by default:
+    calibrating on it would make its ECE look better than it is. Nothing is written here.
+    """
+    if isinstance(bundle, (str, Path)):
+        bundle = load_bundle(bundle)
+    if bundle.model is None:
+        raise D.DataError(
+            f"{bundle.path}: an exported .onnx file cannot be recalibrated; give the bundle folder"
+        )
+    if split is None:
+        index = _index_matching(bundle, _data_spec(bundle, data), cache_dir)
+        rec, _ = recorded_splits(bundle)
+        pos = {index.relpath(it) for it in index.items}
+        split = "val" if any(r in pos for r in (rec or {}).get("val") or []) else "all"
+    res = evaluate(bundle, data, split=split, progress=progress, cache_dir=cache_dir, workers=workers)
+    raw = uncalibrate(res.probs, bundle.temperature)
+    if len(res.labels) < 20:
+        raise D.DataError(f"{res.metrics['data']}: {len(res.labels)} images; calibration needs at least 20")
+    t = fit_temperature(log_probs(raw), res.labels)
+    before = expected_calibration_error(raw, res.labels)
+    after = expected_calibration_error(uncalibrate(raw, 1.0 / t), res.labels)
+    if after > before:
+        t, after = 1.0, before
+    return calibration_record(
+        t, fit_on=f"{res.metrics['data']} ({res.selection.split})", n=len(res.labels),
+        ece_before=before, ece_after=after,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- write
@@ -521,10 +555,13 @@ def misclassified_png(result: EvalResult, n_wrong: int = 25) -> bytes:
 
 
 def reliability_png(result: EvalResult) -> bytes:
-    """Reliability diagram over :data:`ECE_BINS` bins."""
+    """Reliability diagram over :data:`ECE_BINS` bins; before and after calibration when calibrated."""
     from imgclf.analysis import visualize as V
 
-    return V.reliability_png(result.confidence, result.correct.astype(float), ECE_BINS)
+    before = None
+    if result.bundle.temperature != 1.0:
+        before = uncalibrate(result.probs, result.bundle.temperature).max(1)
+    return V.reliability_png(result.confidence, result.correct.astype(float), ECE_BINS, conf_before=before)
 
 
 def write_predictions_csv(result: EvalResult, path: str | Path) -> Path:

@@ -175,15 +175,28 @@ def history_png(history: Sequence[dict[str, float]], title: str = "") -> bytes:
     return fig_to_png(fig)
 
 
-def reliability_png(conf: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> bytes:
-    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration."""
+def reliability_png(
+    conf: np.ndarray, correct: np.ndarray, n_bins: int = 15, conf_before: np.ndarray | None = None
+) -> bytes:
+    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration.
+
+    ``conf_before`` (the same images' top-1 probabilities before calibration) adds a second series.
+    """
     plt = _plt()
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    acc = np.array([correct[which == b].mean() if (which == b).any() else np.nan for b in range(n_bins)])
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
     centers = (edges[:-1] + edges[1:]) / 2
-    ax.bar(centers, np.nan_to_num(acc), width=1.0 / n_bins, edgecolor="k", alpha=0.7, label="accuracy")
+
+    def per_bin(c: np.ndarray) -> np.ndarray:
+        which = np.clip(np.digitize(c, edges[1:-1], right=True), 0, n_bins - 1)
+        acc = [correct[which == b].mean() if (which == b).any() else np.nan for b in range(n_bins)]
+        return np.nan_to_num(np.array(acc))
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if conf_before is not None:
+        ax.bar(centers, per_bin(conf_before), width=1.0 / n_bins, fill=False, edgecolor="tab:orange",
+               linewidth=1.5, label="before calibration")  # fmt: skip
+    label = "after calibration" if conf_before is not None else "accuracy"
+    ax.bar(centers, per_bin(conf), width=1.0 / n_bins, edgecolor="k", alpha=0.6, label=label)
     ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")

@@ -91,7 +91,7 @@ def eager_probs(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     if bundle.model is None:
         raise ExportError(f"{bundle.path}: no PyTorch network to compare against")
     with torch.inference_mode():
-        return logits_to_probs(bundle.logits(torch.as_tensor(images))).float().numpy()
+        return logits_to_probs(bundle.logits(torch.as_tensor(images)), bundle.temperature).float().numpy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,8 +135,10 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def logits_to_probs(logits: Tensor) -> Tensor:
+def logits_to_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Convert ``(N, K)`` logits to ``(N, max(K, 2))`` class probabilities.
+
+    ``temperature`` divides the logits first (temperature scaling; 1.0 leaves them as they are).
 
     A single-logit head ``(N, 1)`` is a sigmoid over the positive class and is
     expanded to ``[1 - p, p]``; ``K > 1`` uses softmax. Only the static shape is
@@ -144,6 +146,8 @@ def logits_to_probs(logits: Tensor) -> Tensor:
     """
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape (N, K), got {tuple(logits.shape)}")
+    if temperature != 1.0:
+        logits = logits / temperature
     if logits.shape[1] == 1:
         # sigmoid(-x) rather than 1 - sigmoid(x): no cancellation for confident
         # positives, so tiny negative-class probabilities survive.

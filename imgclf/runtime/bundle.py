@@ -27,6 +27,7 @@ from imgclf.core.errors import BundleError
 from imgclf.core.files import atomic_write_bytes
 from imgclf.core.imageio import ImageSource
 from imgclf.core.preprocess import Preprocess, array_to_uint8, load_uint8, normalize
+from imgclf.runtime.calibration import check_calibration
 
 log = logging.getLogger("imgclf")
 
@@ -101,6 +102,18 @@ def save_bundle(
     return out
 
 
+def update_meta(bundle: Bundle, **changes: Any) -> None:
+    """Rewrite the bundle's ``model.json`` with ``changes`` (atomically); the weights stay as they are."""
+    if bundle.model is None:
+        raise BundleError(f"{bundle.path}: an exported .onnx file has no model.json to update")
+    meta = {**bundle.meta, **changes}
+    check_meta(meta, str(bundle.path / META))
+    bundle.temperature = check_calibration(meta, str(bundle.path / META))
+    atomic_write_bytes(bundle.path / META, (json.dumps(meta, indent=2) + "\n").encode())
+    bundle.meta = meta
+    bundle._runner = None  # the ORT graph holds the old values
+
+
 def resolve_bundle_dir(path: str | Path) -> Path:
     """Accept the bundle folder, its model.json, or a run folder holding ``model/``."""
     p = Path(path)
@@ -117,7 +130,8 @@ class Bundle:
 
     ``backend`` is how :meth:`predict_batch` runs: ``"onnxruntime"`` (an ORT session over the
     exported graph, built on first use) or ``"torch"`` (PyTorch eager). ``model`` is None for a
-    bundle loaded from an exported ``.onnx`` file.
+    bundle loaded from an exported ``.onnx`` file. ``temperature`` (from ``model.json``'s
+    ``calibration``) divides the logits in every prediction path, the exported graph included.
     """
 
     path: Path
@@ -125,6 +139,7 @@ class Bundle:
     pre: Preprocess
     classes: list[str]
     meta: dict[str, Any]
+    temperature: float = 1.0
     _batch: int = field(default=64, repr=False)
     backend: str = "torch"
     # True when the backend was chosen automatically: an ORT failure then falls back to eager.
@@ -197,7 +212,8 @@ class Bundle:
 
         outs = []
         for s in range(0, len(batch), self._batch):
-            outs.append(logits_to_probs(self.logits(batch[s : s + self._batch])).float().numpy())
+            logits = self.logits(batch[s : s + self._batch])
+            outs.append(logits_to_probs(logits, self.temperature).float().numpy())
         return np.concatenate(outs)
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
@@ -262,7 +278,9 @@ def _load_onnx(p: Path, backend: str | None) -> Bundle:
             f"[batch, {h}, {w}, {pre.channels}]; re-export it with `imgclf export`"
         )
     meta.update(format=FORMAT, source="onnx", input={"size": [h, w], "channels": pre.channels})
-    return Bundle(p, None, pre, list(meta["classes"]), meta, backend="onnxruntime", _runner=runner)
+    # The graph already divides by this temperature; it is kept to tell the user and to undo it.
+    t = check_calibration(meta, str(p))
+    return Bundle(p, None, pre, list(meta["classes"]), meta, t, backend="onnxruntime", _runner=runner)
 
 
 # Largest input side a bundle may ask for: 4096x4096x3 floats are 200 MB per image already.
@@ -378,6 +396,7 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
             f"supports ({FORMAT_VERSION}); upgrade imgclf"
         )
     pre, classes, arch = check_meta(meta, str(meta_p))
+    temperature = check_calibration(meta, str(meta_p))
     if not w_p.exists():
         raise BundleError(f"{w_p}: missing weights file")
     blob = w_p.read_bytes()
@@ -411,7 +430,7 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
     except RuntimeError as e:
         raise BundleError(f"{w_p}: weights do not fit architecture {arch['name']}: {e}") from e
     model.eval().to(memory_format=torch.channels_last)
-    return Bundle(d, model, pre, classes, meta, backend=chosen, _auto=auto)
+    return Bundle(d, model, pre, classes, meta, temperature, backend=chosen, _auto=auto)
 
 
 def recorded_splits(bundle: Bundle) -> tuple[dict[str, list[str]] | None, Path | None]:

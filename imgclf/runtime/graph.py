@@ -24,7 +24,7 @@ from imgclf.core.files import atomic_write_bytes
 from imgclf.core.preprocess import Preprocess, normalize
 from imgclf.core.version import __version__
 from imgclf.models.registry import logits_to_probs
-from imgclf.runtime.onnxrt import META_FORMAT, META_PREFIX
+from imgclf.runtime.onnxrt import META_FORMAT, META_PREFIX, OPTIONAL_JSON
 
 if TYPE_CHECKING:  # the bundle module imports this one
     from imgclf.runtime.bundle import Bundle
@@ -34,7 +34,8 @@ OPSET = 17
 
 
 # Bump when the exported graph changes; part of the user-cache key for in-memory ORT sessions.
-EXPORT_VERSION = 1
+# 2: the calibration temperature divides the logits inside the graph.
+EXPORT_VERSION = 2
 
 
 INPUT_NAME = "image"
@@ -44,15 +45,16 @@ OUTPUT_NAME = "probabilities"
 
 
 class InferenceWrapper(nn.Module):
-    """uint8 NHWC image batch -> class probabilities, preprocessing included."""
+    """uint8 NHWC image batch -> class probabilities, preprocessing and calibration included."""
 
-    def __init__(self, model: nn.Module, pre: Preprocess) -> None:
+    def __init__(self, model: nn.Module, pre: Preprocess, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.pre = pre
+        self.temperature = temperature
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_to_probs(self.model(normalize(x, self.pre)))
+        return logits_to_probs(self.model(normalize(x, self.pre)), self.temperature)
 
 
 class ImageInputWrapper(InferenceWrapper):
@@ -71,7 +73,7 @@ def inference_wrapper(bundle: Bundle, cls: type[InferenceWrapper] = InferenceWra
     # A contiguous NCHW copy (Module.to is in place, so copy first): channels_last buys
     # nothing in a traced graph and some converters trip over the strides.
     model = copy.deepcopy(bundle.model).to(memory_format=torch.contiguous_format)
-    return cls(model, bundle.pre).eval()
+    return cls(model, bundle.pre, bundle.temperature).eval()
 
 
 def example_input(pre: Preprocess, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -113,6 +115,9 @@ def bundle_metadata(bundle: Bundle, input_desc: dict[str, Any] | None = None) ->
         META_PREFIX + "bundle_sha256": bundle.sha256,
         META_PREFIX + "version": __version__,
     }
+    for key in OPTIONAL_JSON:
+        if bundle.meta.get(key) is not None:
+            meta[META_PREFIX + key] = json.dumps(bundle.meta[key])
     if input_desc is not None:
         meta[META_PREFIX + "input"] = json.dumps(input_desc)
     return meta
@@ -159,7 +164,7 @@ def onnx_cache_file(bundle: Bundle) -> Path:
 
     key = json.dumps(
         [bundle.sha256, bundle.pre.to_dict(), bundle.classes, bundle.meta.get("architecture"),
-         torch.__version__, __version__, EXPORT_VERSION, OPSET],
+         bundle.temperature, torch.__version__, __version__, EXPORT_VERSION, OPSET],
         sort_keys=True,
     )  # fmt: skip
     return (

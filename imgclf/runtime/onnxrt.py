@@ -98,6 +98,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
+# Bundle records copied into an export's metadata when the bundle has them (JSON text).
+OPTIONAL_JSON = ("calibration",)
+
+
 def parse_imgclf_metadata(props: dict[str, str], source: str) -> dict[str, Any]:
     """Decode the ``imgclf.*`` metadata into a bundle-like dict; ValueError naming ``source`` if absent."""
     if props.get(META_PREFIX + "format") != META_FORMAT:
@@ -118,6 +122,7 @@ def parse_imgclf_metadata(props: dict[str, str], source: str) -> dict[str, Any]:
                 if META_PREFIX + "quantization" in props
                 else {}
             ),
+            **{k: json.loads(props[META_PREFIX + k]) for k in OPTIONAL_JSON if META_PREFIX + k in props},
         }
     except (KeyError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{source}: damaged imgclf metadata in the ONNX file ({e}); re-export it") from e

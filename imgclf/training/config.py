@@ -277,6 +277,12 @@ class TrainConfig:
         help="weights saved in the bundle: best (lowest val loss) or last",
         choices=("best", "last"),
     )
+    calibrate: str = option(
+        default="temperature",
+        help="after training, fit temperature scaling on the validation split so the probabilities "
+        "match the accuracy (ECE before/after in metrics.json); none keeps the raw softmax",
+        choices=("temperature", "none"),
+    )
     dedup: str = option(
         default="group",
         help="duplicate handling before splitting: group (keep copies on one side), keep-one, off",

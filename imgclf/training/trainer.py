@@ -30,6 +30,7 @@ from imgclf.data import sources as D
 from imgclf.data.augment import Augment
 from imgclf.models.registry import create_model, get_spec, logits_to_probs, num_outputs
 from imgclf.runtime.bundle import save_bundle
+from imgclf.runtime.calibration import calibration_record, expected_calibration_error, fit_temperature
 from imgclf.training.callbacks import Callback, ModelCheckpoint, default_callbacks
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.training.config import ConfigError, TrainConfig
@@ -244,28 +245,43 @@ def lr_factor(cfg: TrainConfig, step: int, total: int, steps_per_epoch: int) -> 
 
 
 @torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module, images: np.ndarray, pre: Preprocess, batch: int = 256
+) -> torch.Tensor:
+    """Raw logits of ``model`` on uint8 NHWC arrays, float32 on the CPU."""
+    model.eval()
+    dev = next(model.parameters()).device
+    x_all = torch.from_numpy(images)
+    starts = range(0, len(images), batch)
+    outs = [model(normalize(x_all[s : s + batch].to(dev), pre)).float().cpu() for s in starts]
+    return torch.cat(outs) if outs else torch.zeros(0, 1)
+
+
 def evaluate_arrays(
     model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, pre: Preprocess, batch: int = 256
 ) -> dict[str, float]:
     """Loss and accuracy of ``model`` on uint8 NHWC arrays."""
-    model.eval()
-    n = len(labels)
-    if n == 0:
+    if len(labels) == 0:
         return {"loss": float("nan"), "accuracy": float("nan")}
-    total_loss, correct = 0.0, 0
-    dev = next(model.parameters()).device
-    x_all = torch.from_numpy(images)
-    y_all = torch.from_numpy(labels)
-    for s in range(0, n, batch):
-        x = normalize(x_all[s : s + batch].to(dev), pre)
-        y = y_all[s : s + batch].to(dev)
-        probs = logits_to_probs(model(x)).clamp_min(1e-12)
-        total_loss += float(F.nll_loss(probs.log(), y, reduction="sum"))
-        correct += int((probs.argmax(1) == y).sum())
-    return {"loss": total_loss / n, "accuracy": correct / n}
+    m = logit_metrics(predict_logits(model, images, pre, batch), labels)
+    return {"loss": m["loss"], "accuracy": m["accuracy"]}
+
+
+def logit_metrics(logits: torch.Tensor, labels: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
+    """Loss, accuracy and ECE of logits against integer labels."""
+    probs = logits_to_probs(logits, temperature).clamp_min(1e-12)
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return {
+        "loss": float(F.nll_loss(probs.log(), y)),
+        "accuracy": float((probs.argmax(1) == y).float().mean()),
+        "ece": expected_calibration_error(probs.numpy(), labels),
+    }
 
 
 # --------------------------------------------------------------------------- outputs
+
+# Fewer validation images than this give a temperature that follows noise, not the model.
+MIN_CALIBRATION_IMAGES = 20
 
 
 def write_plot(history: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -902,6 +918,28 @@ class Trainer:
             save_checkpoint(self.last_path, self.model, self.opt, self.state.to_json(self.gen))
         self.dist.end_epoch(epoch, row, self.run_dir)
 
+    def _calibrate(self, logits: dict[str, tuple[torch.Tensor, np.ndarray]]) -> dict[str, Any] | None:
+        """Temperature scaling fitted on the validation logits; None when off or too few images."""
+        if self.cfg.calibrate == "none":
+            return None
+        if "val" not in logits or len(logits["val"][1]) < MIN_CALIBRATION_IMAGES:
+            need = MIN_CALIBRATION_IMAGES
+            log.info("calibration: skipped (needs a validation split of at least %d images)", need)
+            return None
+        z, y = logits["val"]
+        t = fit_temperature(z, y)
+        before, after = logit_metrics(z, y)["ece"], logit_metrics(z, y, t)["ece"]
+        if after > before:
+            # The fit lowers the log-loss but not the calibration error (seen on models near chance):
+            # keep the raw softmax rather than make the probabilities worse by the measure we report.
+            log.info("calibration: temperature %.3f would raise the validation ECE (%.4f -> %.4f); kept T=1",
+                     t, before, after)  # fmt: skip
+            t, after = 1.0, before
+        else:
+            log.info("calibration: temperature %.3f fitted on %d validation images (ECE %.4f -> %.4f)",
+                     t, len(y), before, after)  # fmt: skip
+        return calibration_record(t, fit_on="val", n=len(y), ece_before=before, ece_after=after)
+
     def finish(self) -> TrainResult:
         """Pick the final weights, test them, and write the bundle, metrics and plot."""
         cfg, history, data = self.cfg, self.state.history, self.data
@@ -924,11 +962,26 @@ class Trainer:
             "wall_time_s": round(time.time() - self.t_start, 2),
             "stopped_early": bool(failed_reason) or len(history) < cfg.epochs,
         }
-        for name, dec in (("val", data.val), ("test", data.test)):
-            if dec is not None and len(dec.labels):
-                m = evaluate_arrays(final, dec.images, dec.labels, self.pre)
-                metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
-                metrics[f"{name}_size"] = len(dec.labels)
+        logits = {
+            name: (predict_logits(final, dec.images, self.pre), dec.labels)
+            for name, dec in (("val", data.val), ("test", data.test))
+            if dec is not None and len(dec.labels)
+        }
+        calibration = self._calibrate(logits)
+        t = calibration["temperature"] if calibration else 1.0
+        for name, (z, y) in logits.items():
+            m = logit_metrics(z, y, t)
+            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
+            metrics[f"{name}_size"] = len(y)
+            metrics[f"{name}_ece"] = m["ece"]
+            if calibration:
+                metrics[f"{name}_ece_uncalibrated"] = logit_metrics(z, y)["ece"]
+        if calibration:
+            # Headline figures on the held-out test split when there is one, else validation.
+            where = "test" if "test" in logits else "val"
+            metrics["temperature"] = t
+            metrics["ece_uncalibrated"] = metrics[f"{where}_ece_uncalibrated"]
+            metrics["ece"] = metrics[f"{where}_ece"]
         if failed_reason:
             metrics["stop_reason"] = failed_reason
         self.run_callbacks("on_train_end", metrics)
@@ -940,7 +993,11 @@ class Trainer:
             self.index.classes,
             train_config=cfg.to_dict(),
             metrics=metrics,
-            extra={"run_dir": str(self.run_dir.resolve()), "data_source": self.index.name},
+            extra={
+                "run_dir": str(self.run_dir.resolve()),
+                "data_source": self.index.name,
+                **({"calibration": calibration} if calibration else {}),
+            },
         )
         atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         write_plot(history, self.run_dir / "plot.png", f"{cfg.model} on {Path(self.index.name).name}")
