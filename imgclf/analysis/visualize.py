@@ -196,7 +196,9 @@ def reliability_png(
         ax.bar(centers, per_bin(conf_before), width=1.0 / n_bins, fill=False, edgecolor="tab:orange",
                linewidth=1.5, label="before calibration")  # fmt: skip
     label = "after calibration" if conf_before is not None else "accuracy"
-    ax.bar(centers, per_bin(conf), width=1.0 / n_bins, edgecolor="k", alpha=0.6, label=label)
+    ax.bar(
+        centers, per_bin(conf), width=1.0 / n_bins, color="tab:blue", edgecolor="k", alpha=0.6, label=label
+    )
     ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
