@@ -88,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r.to_dict()), flush=True)
         else:
-            print(f"{display_path(r.path)}: {r.label}: {r.probability * 100:.2f}%", flush=True)
+            tail = (
+                f" (unknown: score {r.unknown['ood_score']:.4g} is past the threshold)"
+                if r.is_unknown
+                else ""
+            )
+            print(f"{display_path(r.path)}: {r.label}: {r.probability * 100:.2f}%{tail}", flush=True)
     if args.csv:
         from imgclf.runtime.predict import write_csv
 

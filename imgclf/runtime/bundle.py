@@ -62,10 +62,17 @@ def versions() -> dict[str, str]:
     return v
 
 
-def state_dict_bytes(model: torch.nn.Module, metadata: dict[str, str] | None = None) -> bytes:
+def state_dict_bytes(
+    model: torch.nn.Module,
+    metadata: dict[str, str] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> bytes:
+    """The model's weights (plus ``extra_tensors``, e.g. the ``ood.*`` scorer arrays) as safetensors."""
     from safetensors.torch import save
 
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {
+        k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **(extra_tensors or {})}.items()
+    }
     return save(sd, metadata=metadata)
 
 
@@ -78,10 +85,14 @@ def save_bundle(
     train_config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/model.json``; returns ``out_dir``."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/model.json``; returns ``out_dir``.
+
+    ``extra_tensors`` (names starting ``ood.``) are stored beside the weights and covered by the hash.
+    """
     out = Path(out_dir)
-    blob = state_dict_bytes(model)
+    blob = state_dict_bytes(model, extra_tensors=extra_tensors)
     atomic_write_bytes(out / WEIGHTS, blob)
     meta = {
         "format": FORMAT,
@@ -140,6 +151,10 @@ class Bundle:
     classes: list[str]
     meta: dict[str, Any]
     temperature: float = 1.0
+    # The unknown-image scorer (runtime.ood) and its threshold: score > threshold means "unknown".
+    # An exported .onnx bundle has the threshold but no scorer object: the graph computes the score.
+    ood: Any = None
+    ood_threshold: float | None = None
     _batch: int = field(default=64, repr=False)
     backend: str = "torch"
     # True when the backend was chosen automatically: an ORT failure then falls back to eager.
@@ -193,8 +208,17 @@ class Bundle:
 
     def predict_batch(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 NHWC batch -> class probabilities (N, K) as float32 numpy."""
+        return self._run(batch, scored=False)[0]
+
+    def predict_scored(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 NHWC batch -> (probabilities (N, K), unknown-image scores (N,) or None when the
+        bundle has no rejection configured). A score above :attr:`ood_threshold` means unknown."""
+        return self._run(batch, scored=self.ood_threshold is not None)
+
+    def _run(self, batch: np.ndarray | torch.Tensor, scored: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if len(batch) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
+            empty = np.zeros((0, len(self.classes)), dtype=np.float32)
+            return empty, (np.zeros(0, dtype=np.float32) if scored else None)
         if isinstance(batch, torch.Tensor):
             batch = batch.cpu().numpy()
         runner = self._ort()
@@ -202,28 +226,46 @@ class Bundle:
             # The exported graph takes uint8; float 0-255 input is rounded the way PIL would.
             batch = np.clip(np.rint(batch), 0, 255).astype(np.uint8)
         if runner is None or batch.dtype != np.uint8:
-            return self._predict_eager(batch)
-        outs = [runner(batch[s : s + self._batch]) for s in range(0, len(batch), self._batch)]
-        return np.concatenate(outs)
+            return self._predict_eager(batch, scored)
+        outs = [runner.run(batch[s : s + self._batch], scored) for s in range(0, len(batch), self._batch)]
+        probs = np.concatenate([o[0] for o in outs])
+        return probs, (np.concatenate([o[1] for o in outs]) if scored else None)
 
     @torch.inference_mode()
-    def _predict_eager(self, batch: np.ndarray) -> np.ndarray:
+    def _predict_eager(self, batch: np.ndarray, scored: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         from imgclf.models.registry import logits_to_probs
+        from imgclf.runtime.ood import FeaturesAndLogits
 
-        outs = []
+        if self.model is None:
+            raise BundleError(f"{self.path}: an exported .onnx model takes uint8 images only")
+        both = FeaturesAndLogits(self.model) if scored else None
+        probs, scores = [], []
         for s in range(0, len(batch), self._batch):
-            logits = self.logits(batch[s : s + self._batch])
-            outs.append(logits_to_probs(logits, self.temperature).float().numpy())
-        return np.concatenate(outs)
+            x = normalize(torch.as_tensor(batch[s : s + self._batch]), self.pre)
+            if both is not None:
+                feats, logits = both(x)
+                scores.append(self.ood(feats, logits).float().numpy())
+            else:
+                logits = self.model(x)
+            probs.append(logits_to_probs(logits, self.temperature).float().numpy())
+        return np.concatenate(probs), (np.concatenate(scores) if scored else None)
 
-    def top_k(self, probs: np.ndarray, k: int = 5) -> list[dict[str, Any]]:
-        """One result dict per row: label, probability, and the top-k list."""
+    def unknown_fields(self, score: float | None) -> dict[str, Any]:
+        """The ``unknown`` / ``ood_score`` fields every prediction carries (null when not configured)."""
+        if self.ood_threshold is None or score is None:
+            return {"unknown": None, "ood_score": None, "ood": "no unknown-image rejection in this bundle"}
+        return {"unknown": bool(score > self.ood_threshold), "ood_score": float(score)}
+
+    def top_k(self, probs: np.ndarray, k: int = 5, scores: np.ndarray | None = None) -> list[dict[str, Any]]:
+        """One result dict per row: label (always the best class), probability, the top-k list, and
+        ``unknown`` / ``ood_score`` (see :meth:`unknown_fields`)."""
         k = max(1, min(k, len(self.classes)))
         res = []
-        for row in probs:
+        for j, row in enumerate(probs):
             order = np.argsort(-row, kind="stable")[:k]
             top = [{"label": self.classes[i], "probability": float(row[i])} for i in order]
-            res.append({"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
+            r = {"label": top[0]["label"], "probability": top[0]["probability"], "top_k": top}
+            res.append({**r, **self.unknown_fields(None if scores is None else float(scores[j]))})
         return res
 
     def predict(self, images: ImageSource | np.ndarray | Sequence[Any], top_k: int = 5) -> list[dict]:
@@ -231,7 +273,8 @@ class Bundle:
         if not isinstance(images, (list, tuple)):
             images = [images]
         batch = np.stack([self.prepare(im) for im in images])
-        return self.top_k(self.predict_batch(batch), top_k)
+        probs, scores = self.predict_scored(batch)
+        return self.top_k(probs, top_k, scores)
 
 
 def resolve_backend(backend: str | None) -> tuple[str, bool]:
@@ -280,7 +323,12 @@ def _load_onnx(p: Path, backend: str | None) -> Bundle:
     meta.update(format=FORMAT, source="onnx", input={"size": [h, w], "channels": pre.channels})
     # The graph already divides by this temperature; it is kept to tell the user and to undo it.
     t = check_calibration(meta, str(p))
-    return Bundle(p, None, pre, list(meta["classes"]), meta, t, backend="onnxruntime", _runner=runner)
+    threshold = check_ood_threshold(meta, str(p))
+    if threshold is not None and runner.score_name is None:
+        raise BundleError(f"{p}: metadata names an unknown-image threshold but the graph has no score output")
+    b = Bundle(p, None, pre, list(meta["classes"]), meta, t, None, threshold, backend="onnxruntime")
+    b._runner = runner
+    return b
 
 
 # Largest input side a bundle may ask for: 4096x4096x3 floats are 200 MB per image already.
@@ -359,6 +407,32 @@ def check_meta(meta: dict[str, Any], where: str) -> tuple[Preprocess, list[str],
     return pre, classes, arch
 
 
+def check_ood_threshold(meta: dict[str, Any], where: str) -> float | None:
+    """The unknown-image threshold recorded in ``meta['ood']`` (None when there is none), or a BundleError."""
+    rec = meta.get("ood")
+    if rec is None:
+        return None
+    t = rec.get("threshold") if isinstance(rec, dict) else None
+    if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)):
+        raise BundleError(
+            f"{where}: ood.threshold={t!r}; expected a finite number. Retrain, or delete the 'ood' block "
+            "to predict without unknown-image rejection"
+        )
+    return float(t)
+
+
+def load_ood(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> tuple[Any, float | None]:
+    """(scorer, threshold) from ``model.json``'s ``ood`` block and the ``ood.*`` tensors; (None, None)."""
+    threshold = check_ood_threshold(meta, where)
+    if threshold is None:
+        if tensors:
+            raise BundleError(f"{where}: the weights hold ood.* arrays but model.json has no 'ood' block")
+        return None, None
+    from imgclf.runtime.ood import scorer_from_state
+
+    return scorer_from_state(meta["ood"].get("scorer"), tensors, f"{where}: ood.scorer"), threshold
+
+
 def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
     """Load and verify a bundle folder (or run folder, or model.json path), or an exported .onnx file.
 
@@ -425,12 +499,16 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
         raise BundleError(f"{meta_p}: {e}") from e
     except (TypeError, ValueError) as e:  # the factory refused the recorded arguments
         raise BundleError(f"{meta_p}: architecture {arch['name']} with args {arch['args']}: {e}") from e
+    from imgclf.runtime.ood import PREFIX as OOD_PREFIX
+
+    ood_tensors = {k: sd.pop(k) for k in [k for k in sd if k.startswith(OOD_PREFIX)]}
+    scorer, threshold = load_ood(meta, ood_tensors, str(meta_p))
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{w_p}: weights do not fit architecture {arch['name']}: {e}") from e
     model.eval().to(memory_format=torch.channels_last)
-    return Bundle(d, model, pre, classes, meta, temperature, backend=chosen, _auto=auto)
+    return Bundle(d, model, pre, classes, meta, temperature, scorer, threshold, backend=chosen, _auto=auto)
 
 
 def recorded_splits(bundle: Bundle) -> tuple[dict[str, list[str]] | None, Path | None]:

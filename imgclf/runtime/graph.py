@@ -34,7 +34,7 @@ OPSET = 17
 
 
 # Bump when the exported graph changes; part of the user-cache key for in-memory ORT sessions.
-# 2: the calibration temperature divides the logits inside the graph.
+# 2: the calibration temperature divides the logits inside the graph; an ood_score output.
 EXPORT_VERSION = 2
 
 
@@ -42,6 +42,10 @@ INPUT_NAME = "image"
 
 
 OUTPUT_NAME = "probabilities"
+
+
+# Second output of bundles with unknown-image rejection.
+SCORE_NAME = "ood_score"
 
 
 class InferenceWrapper(nn.Module):
@@ -55,6 +59,21 @@ class InferenceWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return logits_to_probs(self.model(normalize(x, self.pre)), self.temperature)
+
+
+class ScoredInferenceWrapper(InferenceWrapper):
+    """uint8 NHWC batch -> (class probabilities, unknown-image score), one forward pass."""
+
+    def __init__(self, model: nn.Module, pre: Preprocess, temperature: float, scorer: nn.Module) -> None:
+        from imgclf.runtime.ood import FeaturesAndLogits
+
+        super().__init__(model, pre, temperature)
+        self.both = FeaturesAndLogits(model)
+        self.scorer = scorer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        feats, logits = self.both(normalize(x, self.pre))
+        return logits_to_probs(logits, self.temperature), self.scorer(feats, logits)
 
 
 class ImageInputWrapper(InferenceWrapper):
@@ -73,6 +92,8 @@ def inference_wrapper(bundle: Bundle, cls: type[InferenceWrapper] = InferenceWra
     # A contiguous NCHW copy (Module.to is in place, so copy first): channels_last buys
     # nothing in a traced graph and some converters trip over the strides.
     model = copy.deepcopy(bundle.model).to(memory_format=torch.contiguous_format)
+    if cls is ScoredInferenceWrapper:
+        return ScoredInferenceWrapper(model, bundle.pre, bundle.temperature, copy.deepcopy(bundle.ood)).eval()
     return cls(model, bundle.pre, bundle.temperature).eval()
 
 
@@ -127,7 +148,9 @@ def onnx_model_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
     """The checked ONNX graph (uint8 NHWC in, probabilities out, dynamic batch) with metadata."""
     import onnx
 
-    wrapper = inference_wrapper(bundle)
+    scored = bundle.ood is not None
+    wrapper = inference_wrapper(bundle, ScoredInferenceWrapper if scored else InferenceWrapper)
+    outputs = [OUTPUT_NAME, SCORE_NAME] if scored else [OUTPUT_NAME]
     buf = io.BytesIO()
     with quiet_tracing(), torch.inference_mode(False), torch.no_grad():
         # The TorchScript-based exporter: the dynamo one needs onnxscript and gives the same
@@ -139,8 +162,8 @@ def onnx_model_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             do_constant_folding=True,
         )
     model = onnx.load_from_string(buf.getvalue())
@@ -150,6 +173,12 @@ def onnx_model_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
         f"[batch, {bundle.pre.size[0]}, {bundle.pre.size[1]}, {bundle.pre.channels}] (NHWC, "
         f"{bundle.pre.color_mode}), already resized. Output '{OUTPUT_NAME}': float32 [batch, "
         f"{len(bundle.classes)}]. Class names are in metadata 'imgclf.classes'."
+        + (
+            f" Output '{SCORE_NAME}': float32 [batch], the unknown-image score; an image is unknown "
+            "when it exceeds metadata 'imgclf.ood' threshold."
+            if scored
+            else ""
+        )
     )
     onnx.helper.set_model_props(model, bundle_metadata(bundle))
     try:
@@ -164,7 +193,7 @@ def onnx_cache_file(bundle: Bundle) -> Path:
 
     key = json.dumps(
         [bundle.sha256, bundle.pre.to_dict(), bundle.classes, bundle.meta.get("architecture"),
-         bundle.temperature, torch.__version__, __version__, EXPORT_VERSION, OPSET],
+         bundle.temperature, bundle.meta.get("ood"), torch.__version__, __version__, EXPORT_VERSION, OPSET],
         sort_keys=True,
     )  # fmt: skip
     return (

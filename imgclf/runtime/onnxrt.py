@@ -79,15 +79,24 @@ class OrtRunner:
         self.input_name: str = inp.name
         self.input_shape: list[Any] = list(inp.shape)
         self.input_type: str = inp.type
-        self.output_name: str = self.session.get_outputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name: str = outputs[0]
+        # Graphs of bundles with unknown-image rejection have a second output, the score.
+        self.score_name: str | None = outputs[1] if len(outputs) > 1 else None
 
     @property
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray, scored: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, unknown-image scores when ``scored`` and the graph has them, else None)."""
         x = np.ascontiguousarray(batch, dtype=np.uint8)
-        return self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float32, copy=False)
+        names = [self.output_name] + ([self.score_name] if scored and self.score_name else [])
+        outs = [o.astype(np.float32, copy=False) for o in self.session.run(names, {self.input_name: x})]
+        return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -99,7 +108,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 # Bundle records copied into an export's metadata when the bundle has them (JSON text).
-OPTIONAL_JSON = ("calibration",)
+OPTIONAL_JSON = ("calibration", "ood")
 
 
 def parse_imgclf_metadata(props: dict[str, str], source: str) -> dict[str, Any]:

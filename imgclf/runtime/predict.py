@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,19 @@ class PredictResult:
     probability: float | None
     top_k: list[dict[str, Any]]
     error: str | None = None
+    # unknown / ood_score (and a note when the bundle has no rejection): Bundle.unknown_fields.
+    unknown: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = {"path": self.path, "label": self.label, "probability": self.probability, "top_k": self.top_k}
+        d.update(self.unknown)
         if self.error:
             d["error"] = self.error
         return d
+
+    @property
+    def is_unknown(self) -> bool:
+        return bool(self.unknown.get("unknown"))
 
 
 def expand_paths(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -79,9 +86,12 @@ def predict_files(
                 results[f] = PredictResult(f, None, None, [], error=str(e))
         if arrays:
             batch = np.stack(arrays)
-            probs = predict_tta(bundle, batch, tta) if tta else bundle.predict_batch(batch)
-            for f, r in zip(ok_paths, bundle.top_k(probs, top_k)):
-                results[f] = PredictResult(f, r["label"], r["probability"], r["top_k"])
+            probs, scores = bundle.predict_scored(batch)
+            if tta:  # the unknown score stays that of the image as given
+                probs = predict_tta(bundle, batch, tta)
+            for f, r in zip(ok_paths, bundle.top_k(probs, top_k, scores)):
+                unknown = {k: r[k] for k in r if k not in ("label", "probability", "top_k")}
+                results[f] = PredictResult(f, r["label"], r["probability"], r["top_k"], unknown=unknown)
         for f in chunk:
             yield results[f]
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.core.errors import ConfigError
+from imgclf.runtime.ood import DEFAULT_SCORE as DEFAULT_OOD_SCORE
+from imgclf.runtime.ood import SCORES as OOD_SCORES
 
 
 def option(
@@ -282,6 +284,22 @@ class TrainConfig:
         help="after training, fit temperature scaling on the validation split so the probabilities "
         "match the accuracy (ECE before/after in metrics.json); none keeps the raw softmax",
         choices=("temperature", "none"),
+    )
+    ood_score: str = option(
+        default=DEFAULT_OOD_SCORE,
+        help="unknown-image score fitted after training (bench/ood.py measured them; none turns "
+        "rejection off): predict, serve and exports answer unknown when it crosses the threshold",
+        choices=(*OOD_SCORES, "none"),
+    )
+    keep_rate: float = option(
+        default=0.95,
+        help="share of validation images the unknown-image threshold keeps as known",
+        gt=0,
+        le=1,
+    )
+    negatives: str | None = option(
+        default=None,
+        help='folder of "none of these" images: the unknown threshold also rejects as many of them as it can',
     )
     dedup: str = option(
         default="group",

@@ -31,6 +31,7 @@ from imgclf.data.augment import Augment
 from imgclf.models.registry import create_model, get_spec, logits_to_probs, num_outputs
 from imgclf.runtime.bundle import save_bundle
 from imgclf.runtime.calibration import calibration_record, expected_calibration_error, fit_temperature
+from imgclf.runtime.ood import FeaturesAndLogits, fit_scorer, threshold_for_keep_rate
 from imgclf.training.callbacks import Callback, ModelCheckpoint, default_callbacks
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.training.config import ConfigError, TrainConfig
@@ -249,12 +250,27 @@ def predict_logits(
     model: torch.nn.Module, images: np.ndarray, pre: Preprocess, batch: int = 256
 ) -> torch.Tensor:
     """Raw logits of ``model`` on uint8 NHWC arrays, float32 on the CPU."""
+    return predict_features(model, images, pre, batch, features=False)[1]
+
+
+@torch.inference_mode()
+def predict_features(
+    model: torch.nn.Module, images: np.ndarray, pre: Preprocess, batch: int = 256, features: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(penultimate features or None, raw logits) of ``model`` on uint8 NHWC arrays, on the CPU."""
     model.eval()
     dev = next(model.parameters()).device
+    both = FeaturesAndLogits(model) if features else None
     x_all = torch.from_numpy(images)
-    starts = range(0, len(images), batch)
-    outs = [model(normalize(x_all[s : s + batch].to(dev), pre)).float().cpu() for s in starts]
-    return torch.cat(outs) if outs else torch.zeros(0, 1)
+    feats, logits = [], []
+    for s in range(0, len(images), batch):
+        x = normalize(x_all[s : s + batch].to(dev), pre)
+        f, z = both(x) if both is not None else (None, model(x))
+        logits.append(z.float().cpu())
+        if f is not None:
+            feats.append(f.float().cpu())
+    z_all = torch.cat(logits) if logits else torch.zeros(0, 1)
+    return (torch.cat(feats) if feats else None), z_all
 
 
 def evaluate_arrays(
@@ -282,6 +298,8 @@ def logit_metrics(logits: torch.Tensor, labels: np.ndarray, temperature: float =
 
 # Fewer validation images than this give a temperature that follows noise, not the model.
 MIN_CALIBRATION_IMAGES = 20
+# Training images the unknown-image scorer is fitted on, at most (a seeded sample beyond).
+MAX_OOD_FIT_IMAGES = 20000
 
 
 def write_plot(history: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -614,6 +632,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.t_start = time.time()
         check_transfer_config(cfg)  # timm installed, --init-weights readable: fail before decoding
+        if cfg.negatives and not Path(cfg.negatives).is_dir():
+            raise ConfigError(
+                f"negatives={cfg.negatives}: no such folder; give a folder of 'none of these' images"
+            )
         self.index = D.index_source(cfg.data, cfg.cache_dir)
         cfg = self.cfg = resolve_defaults(cfg, self.index)
         size = int(cfg.img_size)
@@ -940,6 +962,84 @@ class Trainer:
                      t, len(y), before, after)  # fmt: skip
         return calibration_record(t, fit_on="val", n=len(y), ece_before=before, ece_after=after)
 
+    def _fit_unknown(self, model: torch.nn.Module) -> tuple[Any, dict[str, Any] | None]:
+        """The unknown-image scorer, fitted on training features, and its threshold from validation.
+
+        Returns (scorer, the ``ood`` block of model.json), or (None, None) when off or impossible.
+        """
+        cfg, data = self.cfg, self.data
+        if cfg.ood_score == "none":
+            return None, None
+        if data.val is None or len(data.val.labels) < MIN_CALIBRATION_IMAGES:
+            log.info(
+                "unknown images: no rejection (needs a validation split of %d+ images)",
+                MIN_CALIBRATION_IMAGES,
+            )
+            return None, None
+        t0 = time.time()
+        # A seeded sample bounds the cost on big sets: the scorers need class means or a bank, not all rows.
+        tr = data.train
+        pick = np.arange(len(tr.labels))
+        if len(pick) > MAX_OOD_FIT_IMAGES:
+            pick = np.sort(np.random.default_rng(cfg.seed).choice(pick, MAX_OOD_FIT_IMAGES, replace=False))
+        # msp and energy read the logits only: no pass over the training images.
+        needs_feats = cfg.ood_score not in ("msp", "energy")
+        feats = predict_features(model, tr.images[pick], self.pre)[0] if needs_feats else None
+        scorer = fit_scorer(cfg.ood_score, feats, torch.from_numpy(tr.labels[pick]), len(self.index.classes))
+        scorer = scorer.to(next(model.parameters()).device)
+
+        def scores(images: np.ndarray) -> np.ndarray:
+            f, z = predict_features(model, images, self.pre)
+            with torch.inference_mode():
+                return scorer(f.to(z.device), z).float().cpu().numpy()
+
+        val = scores(data.val.images)
+        neg = self._negative_images()
+        neg_scores = scores(neg) if neg is not None else None
+        threshold = threshold_for_keep_rate(val, cfg.keep_rate, neg_scores)
+        rec: dict[str, Any] = {
+            "scorer": scorer.config(),
+            "threshold": float(threshold),
+            "keep_rate": cfg.keep_rate,
+            "fit_on": f"train ({len(pick)} images), threshold on val ({len(val)} images)",
+            "val_keep_rate": float((val <= threshold).mean()),
+        }
+        if data.test is not None and len(data.test.labels):
+            rec["test_keep_rate"] = float((scores(data.test.images) <= threshold).mean())
+        if neg_scores is not None:
+            rec["negatives"] = {"folder": cfg.negatives, "images": len(neg_scores),
+                                "rejected": float((neg_scores > threshold).mean())}  # fmt: skip
+        neg_note = ""
+        if neg_scores is not None:
+            neg_note = f", rejects {100 * rec['negatives']['rejected']:.1f}% of {cfg.negatives}"
+        log.info(
+            "unknown images: %s score, threshold %.4g keeps %.1f%% of validation images%s (%.1fs)",
+            cfg.ood_score, threshold, 100 * rec["val_keep_rate"], neg_note, time.time() - t0,
+        )  # fmt: skip
+        return scorer.cpu(), rec
+
+    def _negative_images(self) -> np.ndarray | None:
+        """The ``negatives`` folder decoded with the run's preprocessing (unreadable files skipped)."""
+        if not self.cfg.negatives:
+            return None
+        from imgclf.core.files import walk_files
+        from imgclf.core.imageio import ImageDecodeError
+        from imgclf.core.preprocess import load_uint8
+
+        files, _ = walk_files(self.cfg.negatives)
+        arrays = []
+        for f in files[:MAX_OOD_FIT_IMAGES]:
+            try:
+                arrays.append(load_uint8(f, self.pre))
+            except ImageDecodeError as e:
+                log.warning("negatives: skipped %s", e)
+        if not arrays:  # checked before training; a folder emptied since must not lose the run
+            log.warning(
+                "negatives: no readable image in %s; threshold from validation alone", self.cfg.negatives
+            )
+            return None
+        return np.stack(arrays)
+
     def finish(self) -> TrainResult:
         """Pick the final weights, test them, and write the bundle, metrics and plot."""
         cfg, history, data = self.cfg, self.state.history, self.data
@@ -969,6 +1069,7 @@ class Trainer:
         }
         calibration = self._calibrate(logits)
         t = calibration["temperature"] if calibration else 1.0
+        scorer, ood = self._fit_unknown(final)
         for name, (z, y) in logits.items():
             m = logit_metrics(z, y, t)
             metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
@@ -982,6 +1083,11 @@ class Trainer:
             metrics["temperature"] = t
             metrics["ece_uncalibrated"] = metrics[f"{where}_ece_uncalibrated"]
             metrics["ece"] = metrics[f"{where}_ece"]
+        if ood:
+            metrics["ood_score"] = ood["scorer"]["kind"]
+            metrics.update(
+                {f"ood_{k}": ood[k] for k in ("threshold", "val_keep_rate", "test_keep_rate") if k in ood}
+            )
         if failed_reason:
             metrics["stop_reason"] = failed_reason
         self.run_callbacks("on_train_end", metrics)
@@ -997,7 +1103,9 @@ class Trainer:
                 "run_dir": str(self.run_dir.resolve()),
                 "data_source": self.index.name,
                 **({"calibration": calibration} if calibration else {}),
+                **({"ood": ood} if ood else {}),
             },
+            extra_tensors=scorer.tensors() if scorer is not None else None,
         )
         atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         write_plot(history, self.run_dir / "plot.png", f"{cfg.model} on {Path(self.index.name).name}")
