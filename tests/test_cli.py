@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,14 +48,15 @@ def test_predict_json_fields_and_bad_file(mnist_bundle: Path, tmp_path: Path, mn
     lines = [json.loads(s) for s in r.stdout.splitlines()]
     assert len(lines) == 5
     for d in lines:
-        assert set(d) == {"path", "label", "probability", "top_k"}
+        assert set(d) == {"path", "label", "probability", "top_k", "unknown", "ood_score"}
+        assert isinstance(d["unknown"], bool) and isinstance(d["ood_score"], float)
         assert len(d["top_k"]) == 3 and d["top_k"][0]["label"] == d["label"]
         assert 0 <= d["probability"] <= 1
     assert "broken.png" in r.stderr and "Traceback" not in r.stderr
     # the plain format
     r = _run("predict", str(mnist_bundle), *sorted(str(p) for p in tmp_path.glob("digit_*.png")))
     assert r.returncode == 0
-    assert all(line.endswith("%") and ": " in line for line in r.stdout.splitlines())
+    assert all(re.search(r": \d+\.\d\d%( \(unknown: .*\))?$", line) for line in r.stdout.splitlines())
 
 
 def test_user_errors_are_one_line(tmp_path: Path, capsys) -> None:
