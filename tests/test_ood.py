@@ -66,20 +66,33 @@ def test_scores_match_their_definitions(synthetic) -> None:
     torch.testing.assert_close(s["msp"](f, logits), -torch.softmax(logits / t, 1).max(1).values)
     torch.testing.assert_close(s["energy"](f, logits), -t * torch.logsumexp(logits / t, 1))
 
-    # Mahalanobis: tied covariance of class-centred features with Ledoit-Wolf shrinkage.
+    # Mahalanobis: tied covariance of class-centred features with Ledoit-Wolf shrinkage, on raw
+    # features and on L2-normalised ones (the default).
     from sklearn.covariance import LedoitWolf
 
-    x, yn = f.double().numpy(), y.numpy()
-    mu = np.stack([x[yn == c].mean(0) for c in range(K)])
-    prec = LedoitWolf(assume_centered=True).fit(x - mu[yn]).precision_
-    q = x[:50]
-    want = np.min([np.einsum("nd,de,ne->n", q - m, prec, q - m) for m in mu], axis=0)
-    np.testing.assert_allclose(s["mahalanobis"](f[:50], logits[:50]).numpy(), want, rtol=1e-3, atol=1e-2)
+    def mahalanobis(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+        yn = y.numpy()
+        mu = np.stack([x[yn == c].mean(0) for c in range(K)])
+        prec = LedoitWolf(assume_centered=True).fit(x - mu[yn]).precision_
+        return np.min([np.einsum("nd,de,ne->n", q - m, prec, q - m) for m in mu], axis=0)
 
-    # knn: distance to the 10th nearest unit-normalised training embedding (bank = all 600 < MAX_BANK).
+    x = f.double().numpy()
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for normalize, data in ((False, x), (True, xn)):
+        sc = ood.fit_scorer("mahalanobis", f, y, K, normalize=normalize)
+        got = sc(f[:50], logits[:50]).numpy()
+        np.testing.assert_allclose(got, mahalanobis(data, data[:50]), rtol=1e-3, atol=1e-2)
+    assert s["mahalanobis"].normalize is ood.DEFAULT_NORMALIZE
+
+    # knn: squared distance to the k-th nearest unit-normalised training embedding (bank = all 600).
     z = torch.nn.functional.normalize(f, dim=1)
-    want_knn = torch.cdist(z[:50], z).topk(10, largest=False).values[:, -1]
-    torch.testing.assert_close(s["knn"](f[:50], logits[:50]), want_knn, rtol=1e-4, atol=1e-4)
+    q = f[:50] + torch.randn(50, D, generator=torch.Generator().manual_seed(1))
+    zq = torch.nn.functional.normalize(q, dim=1)
+    for k in (1, 10):
+        want_knn = torch.cdist(zq, z).topk(k, largest=False).values[:, -1] ** 2
+        got_knn = ood.fit_scorer("knn", f, y, K, k=k)(q, logits[:50])
+        torch.testing.assert_close(got_knn, want_knn, rtol=1e-4, atol=1e-5)
+    assert s["knn"].k == ood.DEFAULT_K
     for kind, sc in s.items():
         assert sc(f[:7], logits[:7]).shape == (7,), kind
 
