@@ -130,3 +130,15 @@ def test_crashed_part_with_failures_and_old_format_output(tiny_bundle, small_sig
     assert len(rows) == 10 and rows[os.fsencode(cut)]["error"] is None
     assert pq.read_schema(out).field("path_bytes").type == pa.binary()
     assert not parts_dir(out).exists()
+
+
+def test_skips_while_listing_are_reported(tiny_bundle, small_sign_folder, tmp_path, capsys) -> None:
+    d = small_sign_folder(tmp_path / "in", per_class=2, classes=("0",))
+    (d / "0" / "x.jpg").mkdir()
+    shutil.copy(next((d / "0").glob("*.JPG")), d / "0" / "x.jpg" / "inside.jpg")
+    (d / "0" / "loop").symlink_to(d)
+    rc, s, err = _run(capsys, tiny_bundle, d, tmp_path / "p.parquet")
+    assert rc == 0 and (s["total"], s["predicted"], s["skipped_while_listing"]) == (2, 2, 2)
+    assert f"skipped {d}/0/x.jpg: folder named like an image file" in err
+    assert f"skipped {d}/0/loop: symbolic link loop" in err
+    assert not any(b"inside" in k for k in _rows(tmp_path / "p.parquet"))

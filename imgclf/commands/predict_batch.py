@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from imgclf.core.files import display_path
     from imgclf.data.sources import DataError
     from imgclf.serving.batch import predict_dataset
 
@@ -73,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     print(json.dumps(summary.to_dict(), indent=2))
+    for path, why in summary.skipped[:10]:
+        print(f"imgclf predict-batch: skipped {display_path(path)}: {why}", file=sys.stderr)
+    if len(summary.skipped) > 10:
+        print(f"imgclf predict-batch: ... and {len(summary.skipped) - 10} more skipped", file=sys.stderr)
     if summary.retried:
         print(
             f"imgclf predict-batch: tried again {summary.retried} file(s) that failed in an earlier run",

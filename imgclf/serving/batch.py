@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ class BatchSummary:
     retried: int  # files that failed in an earlier run and were tried again in this one
     seconds: float
     engine: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out while listing
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +125,7 @@ class BatchSummary:
             "already_done": self.already_done,
             "failed": self.failed,
             "retried": self.retried,
+            "skipped_while_listing": len(self.skipped),
             "seconds": round(self.seconds, 2),
             "images_per_s": round(self.predicted / max(self.seconds, 1e-9), 1),
             "engine": self.engine,
@@ -352,7 +354,8 @@ def predict_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     bdir = resolve_bundle_dir(bundle)
     b = load_bundle(bdir)  # fail fast, before listing millions of files
-    files, missing = expand_paths(list(inputs))
+    skipped: list[tuple[str, str]] = []
+    files, missing = expand_paths(list(inputs), skipped)
     if missing:
         raise DataError(f"no such file, folder or matching glob: {', '.join(missing)}")
     if not files:
@@ -396,7 +399,9 @@ def predict_dataset(
                 progress=progress,
             )
     merge_parts(out)
-    return BatchSummary(out, len(files), len(todo), already, failed, len(retry), time.time() - t0, engine)
+    return BatchSummary(
+        out, len(files), len(todo), already, failed, len(retry), time.time() - t0, engine, skipped
+    )
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
