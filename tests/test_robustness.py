@@ -138,7 +138,8 @@ def test_broken_yaml_and_cli_nan_are_one_line(tmp_path, capsys) -> None:
 
 
 def _odd_folder(root: Path, small_sign_folder) -> Path:
-    """Real photos plus a non-UTF-8 name, a non-image with a non-UTF-8 name and a symlink loop."""
+    """Real photos plus a non-UTF-8 name, a non-image with a non-UTF-8 name, two symlink loops and
+    a folder named like an image (``1/x.jpg/``, holding a real photo)."""
     import os
 
     small_sign_folder(root, per_class=10)
@@ -147,6 +148,8 @@ def _odd_folder(root: Path, small_sign_folder) -> Path:
     Path(os.fsdecode(os.path.join(os.fsencode(root / "1"), b"bad\xff.jpg"))).write_bytes(b"not an image")
     (root / "2" / "loop").symlink_to(root / "2")
     (root / "2" / "up").symlink_to(root)
+    (root / "1" / "x.jpg").mkdir()
+    shutil.copy(src, root / "1" / "x.jpg" / "inside.jpg")
     return root
 
 
@@ -158,17 +161,31 @@ def test_non_utf8_names_and_symlink_loops_train_and_predict(tmp_path, small_sign
     skipped = (res.run_dir / "skipped_files.txt").read_bytes()
     assert b"bad\xff.jpg\tnot an image" in skipped  # the original bytes, so the user can find the file
     assert skipped.count(b"symbolic link loop") == 2
+    assert b"/1/x.jpg\tfolder named like an image file" in skipped
     splits = json.loads((res.run_dir / "splits.json").read_text())
     listed = [p for v in splits.values() for p in v]
-    assert len(listed) == len(set(listed)) and not any("loop" in p or "up/" in p for p in listed)
+    assert len(listed) == len(set(listed)) and not any(
+        "loop" in p or "up/" in p or "x.jpg" in p for p in listed
+    )
     rc = main(["predict", str(res.run_dir), str(root) + "/**/*", "--csv", str(tmp_path / "p.csv")])
-    assert rc in (0, 1) and "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc in (0, 1) and "Traceback" not in err
+    assert f"skipped {root}/1/x.jpg: folder named like an image file" in err
+    assert f"skipped {root}/2/loop: symbolic link loop" in err
     rows = (tmp_path / "p.csv").read_bytes().splitlines()[1:]
     assert len(rows) == 32  # 30 photos + the copy + the bad file, each once despite two loops in the glob
     assert any(r.startswith(str(root / "0").encode() + b"/caf\xe9.jpg") for r in rows)
     assert main(["inspect", "--data", str(root), "--out", str(tmp_path / "doc")]) in (0, 1)
     assert (tmp_path / "doc" / "inspect.html").stat().st_size > 500
-    assert b"bad\\xff.jpg" in (tmp_path / "doc" / "inspect.html").read_bytes()
+    page = (tmp_path / "doc" / "inspect.html").read_bytes()
+    assert b"bad\\xff.jpg" in page and b"Skipped while listing (3)" in page
+    doc = json.loads((tmp_path / "doc" / "inspect.json").read_text())
+    assert {(e["path"], e["class"], e["reason"].split(":")[0]) for e in doc["skipped"]} == {
+        ("1/x.jpg", "1", "folder named like an image file"),
+        ("2/loop", "2", "symbolic link loop"),
+        ("2/up", "2", "symbolic link loop"),
+    }
+    assert "skipped while listing (3):" in capsys.readouterr().out
     assert main(["evaluate", str(res.run_dir), "--data", str(root), "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_images"] > 0
     assert "Traceback" not in capsys.readouterr().err

@@ -434,3 +434,85 @@ def test_serve_in_background_twice_in_one_process(bundle, sign_bundle):
         serve(bundle, port=0, background=True, max_batch=0)
     with pytest.raises(ConfigError, match="workers"):
         serve(bundle, port=0, background=True, workers=2)
+
+
+def test_flooding_client_gets_429_while_another_is_served(bundle, sign_dir):
+    jpg = _files(sign_dir, classes="4")[0].read_bytes()
+    real = bundle.predict_batch
+    slow_bundle = load_bundle(bundle.path)
+    slow_bundle.predict_batch = lambda batch: (time.sleep(0.3), real(batch))[1]  # keeps requests in flight
+    app = create_app(slow_bundle, max_batch=1, max_wait_ms=0, max_client_requests=2)
+
+    async def scenario(url: str) -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        flood = httpx.AsyncClient(base_url=url, timeout=30)  # from 127.0.0.1
+        other = httpx.AsyncClient(
+            base_url=url, timeout=30, transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        )
+        async with flood, other:
+            burst = [asyncio.create_task(flood.post("/v1/predict", content=jpg)) for _ in range(6)]
+            await asyncio.sleep(0.1)  # the flood's first two are being served now
+            served = await other.post("/v1/predict", content=jpg)
+            flooded = await asyncio.gather(*burst)
+            after = await flood.post("/v1/predict", content=jpg)  # nothing in flight: served again
+        return flooded, served, after
+
+    with serve_in_thread(app) as url:
+        flooded, served, after = asyncio.run(scenario(url))
+        metrics = httpx.get(url + "/metrics").text
+        limits = httpx.get(url + "/v1/model").json()["limits"]
+    codes = sorted(r.status_code for r in flooded)
+    assert codes == [200, 200, 429, 429, 429, 429], codes
+    refused = next(r for r in flooded if r.status_code == 429)
+    assert refused.json()["error"] == "too many requests" and refused.headers["retry-after"] == "1"
+    assert "--max-client-requests" in refused.json()["detail"]
+    assert served.status_code == 200 and served.json()["predictions"][0]["label"]
+    assert after.status_code == 200
+    assert 'imgclf_requests_total{path="/v1/predict",status="429"} 4.0' in metrics
+    assert limits["max_client_requests"] == 2
+    assert all(not m.in_flight for m in _middlewares(app))  # finished clients leave the table
+
+
+def _middlewares(app) -> list:
+    """The app's _LimitAndMeasure instances (built when the app first served)."""
+    out, node = [], app.middleware_stack
+    while node is not None:
+        if hasattr(node, "in_flight"):
+            out.append(node)
+        node = getattr(node, "app", None)
+    assert out, "no _LimitAndMeasure in the middleware stack"
+    return out
+
+
+def test_explain_runs_beside_batches_not_on_the_inference_thread(bundle, sign_dir, monkeypatch):
+    """A slow Grad-CAM must not hold predictions: it has its own thread and model."""
+    import imgclf.analysis.explain as explain_mod
+
+    f = _files(sign_dir, classes="6")[0]
+    app = create_app(bundle)
+    real_overlay = explain_mod.overlay_png
+    seen: dict[str, object] = {}
+
+    def slow_overlay(b, *a, **kw):
+        seen["thread"], seen["bundle"] = threading.current_thread().name, b
+        time.sleep(1.5)
+        return real_overlay(b, *a, **kw)
+
+    monkeypatch.setattr(explain_mod, "overlay_png", slow_overlay)
+    with serve_in_thread(app) as url:
+        jpg = f.read_bytes()
+        t = threading.Thread(
+            target=lambda: seen.setdefault("r", httpx.post(url + "/v1/explain", content=jpg, timeout=30))
+        )
+        t.start()
+        time.sleep(0.3)  # the Grad-CAM is running now
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/predict", content=jpg, timeout=30)
+        waited = time.perf_counter() - t0
+        t.join()
+    assert r.status_code == 200 and waited < 1.0, f"predict waited {waited:.2f} s behind Grad-CAM"
+    assert seen["r"].status_code == 200 and seen["r"].headers["content-type"] == "image/png"
+    assert str(seen["thread"]).startswith("imgclf-explain")
+    st = app.state.serve
+    assert seen["bundle"] is st.explain_bundle
+    # ONNX Runtime predicts without the torch network, so Grad-CAM may share it; eager needs a copy.
+    assert (st.explain_bundle.model is bundle.model) == (bundle.backend == "onnxruntime")

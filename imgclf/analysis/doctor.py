@@ -54,6 +54,19 @@ class Unreadable:
 
 
 @dataclass
+class Skipped:
+    """Something listing the folders left out: a symbolic link loop, a broken link, an unreadable
+    folder, a folder named like an image file (``x.jpg/``)."""
+
+    path: str
+    cls: str  # the class folder it was found under ("" when none)
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "class": self.cls, "reason": self.reason}
+
+
+@dataclass
 class FormatMismatch:
     """A file whose content format does not match its extension (a PNG named .gif)."""
 
@@ -224,6 +237,7 @@ class DoctorReport:
     splits_checked: list[str]
     index: D.SourceIndex | None = field(default=None, repr=False)
     infos: list[ItemInfo] | None = field(default=None, repr=False)
+    skipped: list[Skipped] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -247,6 +261,7 @@ class DoctorReport:
             "per_class": {c: v.to_dict() for c, v in self.per_class.items()},
             "imbalance": self.imbalance.to_dict(),
             "unreadable": each(self.unreadable),
+            "skipped": each(self.skipped),
             "extension_mismatch": each(self.extension_mismatch),
             "tiny": each(self.tiny),
             "enormous": each(self.enormous),
@@ -309,6 +324,16 @@ class ScanView:
 def check_unreadable(v: ScanView) -> list[Unreadable]:
     """Files that did not decode."""
     return [Unreadable(v.rel[i.index], v.cls[i.index], i.error, i.detail) for i in v.infos if not i.ok]
+
+
+def check_skipped(index: D.SourceIndex) -> list[Skipped]:
+    """What listing the folders left out (``index.skipped``), with the class folder it was under."""
+    out = []
+    for path, reason in index.skipped:
+        rel = index.relpath(path)
+        cls = next((c for c in Path(rel).parts[:-1] if c in index.classes), "")
+        out.append(Skipped(rel, cls, reason))
+    return out
 
 
 def check_format_mismatch(v: ScanView) -> list[FormatMismatch]:
@@ -485,6 +510,7 @@ def analyse(
         splits_checked=sorted({str(s) for s in v.split if s}),
         index=index,
         infos=infos,
+        skipped=check_skipped(index),
     )
     r.per_class = class_stats(v, r.classes, r)
     r.totals = totals(v, r)
@@ -616,6 +642,7 @@ def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> s
             lines.append(f"  ... {len(entries) - max_list} more in inspect.json")
 
     section("unreadable", report["unreadable"], lambda e: f"{e['path']}: {e['reason']}")
+    section("skipped while listing", report.get("skipped", []), lambda e: f"{e['path']}: {e['reason']}")
     section(
         "extension does not match content",
         report["extension_mismatch"],
@@ -724,6 +751,7 @@ def write_html(
     bar.close()
     for title, key, fmt in [
         ("Unreadable", "unreadable", lambda e: f"{e['reason']} {e.get('detail', '')}"),
+        ("Skipped while listing", "skipped", lambda e: e["reason"]),
         (
             "Extension does not match content",
             "extension_mismatch",
@@ -732,7 +760,7 @@ def write_html(
         ("Tiny", "tiny", lambda e: f"{e['size'][0]}x{e['size'][1]}"),
         ("Enormous", "enormous", lambda e: f"{e['size'][0]}x{e['size'][1]}"),
     ]:
-        rows = report[key]
+        rows = report.get(key, [])  # "skipped" is absent from reports of older versions
         out.append(f"<h2>{title} ({len(rows)})</h2>")
         if rows:
             out.append("<table><tr><th>file</th><th>class</th><th>what</th></tr>")

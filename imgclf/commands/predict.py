@@ -69,9 +69,12 @@ def run(args: argparse.Namespace) -> int:
         Path(args.gallery_out).write_bytes(png)
         print(f"gallery: {correct}/{shown} correct -> {args.gallery_out}")
     top_k = 5 if args.top_k is None else args.top_k
-    files, missing = expand_paths(args.paths)
+    skipped: list[tuple[str, str]] = []
+    files, missing = expand_paths(args.paths, skipped)
     failed = 0
     results = []
+    for path, why in skipped:  # reported, not counted among the files that failed to predict
+        print(f"imgclf predict: skipped {display_path(path)}: {why}", file=sys.stderr)
     for m in missing:
         print(f"imgclf predict: {display_path(m)}: no such file, folder or matching glob", file=sys.stderr)
         failed += 1

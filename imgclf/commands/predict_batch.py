@@ -10,9 +10,12 @@ NAME = "predict-batch"
 HELP = "classify many images into a Parquet file (streaming, resumable; optionally on Ray)"
 DESCRIPTION = (
     "Classify every image under FOLDER_OR_GLOB into one Parquet file with the columns\n"
-    "path, label, probability, top_k (list of {label, probability}) and error (unreadable files).\n"
+    "path, path_bytes, label, probability, top_k (list of {label, probability}) and error\n"
+    "(unreadable files). path is printable text (bytes of a name that are not UTF-8 shown as \\xNN);\n"
+    "path_bytes is the name's raw bytes (os.fsdecode(path_bytes) opens the file).\n"
     "Work is done in chunks written to OUT.parts/ and merged into OUT at the end, so memory stays\n"
-    "bounded; running the same command again skips the paths already in OUT (resume).\n"
+    "bounded; running the same command again skips the paths already predicted in OUT (resume)\n"
+    "and tries the files that failed before again.\n"
     "Without --workers this process does the work; with --workers N, N Ray Data actors do it\n"
     "(pip install 'imgclf[ray]'; --address joins a running cluster). Examples:\n"
     "  imgclf predict-batch runs/mnist --data 'images/**/*.png' --out preds.parquet\n"
@@ -51,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from imgclf.core.files import display_path
     from imgclf.data.sources import DataError
     from imgclf.serving.batch import predict_dataset
 
@@ -70,6 +74,15 @@ def run(args: argparse.Namespace) -> int:
         progress=False if args.no_progress else None,
     )
     print(json.dumps(summary.to_dict(), indent=2))
+    for path, why in summary.skipped[:10]:
+        print(f"imgclf predict-batch: skipped {display_path(path)}: {why}", file=sys.stderr)
+    if len(summary.skipped) > 10:
+        print(f"imgclf predict-batch: ... and {len(summary.skipped) - 10} more skipped", file=sys.stderr)
+    if summary.retried:
+        print(
+            f"imgclf predict-batch: tried again {summary.retried} file(s) that failed in an earlier run",
+            file=sys.stderr,
+        )
     if summary.failed:
         print(
             f"imgclf predict-batch: {summary.failed} unreadable file(s); their rows in {summary.out} "

@@ -46,8 +46,13 @@ def walk_files(
 
     Symbolic links to folders are followed once: a link back into a folder already walked (a
     loop) is reported and not entered again, so no file is listed twice. Broken links are reported.
-    ``seen`` (device, inode) pairs are shared between calls, e.g. over the class folders of a dataset.
+    A folder below ``root`` named like an image file (``x.jpg/``) is reported and not entered: it
+    is usually a save or an unpacked archive gone wrong, and its files would be filed silently
+    under the class above it. ``seen`` (device, inode) pairs are shared between calls, e.g. over
+    the class folders of a dataset.
     """
+    from imgclf.core.imageio import IMAGE_EXTENSIONS
+
     files: list[Path] = []
     skipped: list[tuple[str, str]] = []
     seen = set() if seen is None else seen
@@ -76,7 +81,11 @@ def walk_files(
                 is_dir, is_file = e.is_dir(), e.is_file()
             except OSError:
                 is_dir = is_file = False
-            if is_dir:
+            if is_dir and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                skipped.append(
+                    (str(p), "folder named like an image file: not listed (rename it to include its files)")
+                )
+            elif is_dir:
                 walk(p)
             elif is_file:
                 files.append(p)
@@ -114,11 +123,13 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def glob_files(pattern: str) -> list[Path]:
+def glob_files(pattern: str, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """Files matching a glob pattern, sorted; like ``glob(recursive=True)`` but safe from symlink loops.
 
     The folder part before the first wildcard is walked once with :func:`walk_files`, so a link
     loop under a ``**`` cannot list a file twice or recurse without end. Hidden files never match.
+    ``skipped`` (when given) collects what the walk left out whose path matches the pattern
+    (a folder ``x.jpg/`` under ``**/*.jpg``, a link loop under ``**/*``).
     """
     parts = Path(pattern).parts
     k = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
@@ -129,5 +140,7 @@ def glob_files(pattern: str) -> list[Path]:
     rx = _glob_regex(rest)
     if not base.is_dir():
         return []
-    files, _ = walk_files(base)
+    files, bad = walk_files(base)
+    if skipped is not None:
+        skipped.extend((p, why) for p, why in bad if rx.match(Path(p).relative_to(base).as_posix()))
     return [f for f in files if rx.match(f.relative_to(base).as_posix())]

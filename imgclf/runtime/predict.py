@@ -38,8 +38,14 @@ class PredictResult:
         return bool(self.unknown.get("unknown"))
 
 
-def expand_paths(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Files, folders (recursive, sorted) and glob patterns -> (files, inputs that matched nothing)."""
+def expand_paths(
+    inputs: Sequence[str], skipped: list[tuple[str, str]] | None = None
+) -> tuple[list[str], list[str]]:
+    """Files, folders (recursive, sorted) and glob patterns -> (files, inputs that matched nothing).
+
+    ``skipped`` (when given) collects ``(path, why)`` for what walking the folders left out:
+    symbolic link loops, broken links, unreadable folders, folders named like images.
+    """
     files: list[str] = []
     missing: list[str] = []
     seen: set[str] = set()
@@ -55,11 +61,14 @@ def expand_paths(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     for s in inputs:
         p = Path(s)
         if p.is_dir():
-            add([str(f) for f in walk_files(p)[0]])
+            found, bad = walk_files(p)
+            add([str(f) for f in found])
+            if skipped is not None:
+                skipped.extend(bad)
         elif p.exists():
             add([str(p)])
         elif any(c in s for c in "*?["):
-            hits = [str(h) for h in glob_files(s)]
+            hits = [str(h) for h in glob_files(s, skipped)]
             add(hits) if hits else missing.append(s)
         else:
             missing.append(s)

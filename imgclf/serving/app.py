@@ -8,6 +8,11 @@ pool (one request may use at most half of it, and all its images together are bo
 :meth:`Bundle.predict_batch` in a single inference thread. Each request awaits the futures of
 its own images, so results come back in request order.
 
+Fairness: one client address may have at most ``max_client_requests`` predict/explain requests
+in flight (429 beyond); a request holding more pixels than one maximum-size image decodes on
+lower-priority threads; Grad-CAM runs on its own lower-priority thread with its own model (never
+on the inference thread), one at a time.
+
 The routes are module-level handlers that read the server's :class:`ServeState` from
 ``request.app.state.serve``; :func:`create_app` only builds that state and wires the router,
 middleware and error handlers. Bad input never gives a 500: oversized bodies get 413,
@@ -17,10 +22,13 @@ undecodable data 400/415, slow bodies 408, all with a JSON body ``{"error": ...,
 from __future__ import annotations
 
 import asyncio
+import copy
 import ctypes
 import dataclasses
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +55,14 @@ from imgclf.serving.batcher import Batcher, QueueFull, ShuttingDown
 from imgclf.serving.settings import DEFAULTS, SERVER_DEFAULTS, ServerSettings, ServeSettings, split_settings
 
 ENV_CONFIG = "IMGCLF_SERVE_CONFIG"
-# The /v1/explain overlay is drawn at most this big: it runs on the inference thread, and a
-# 9 MP overlay held every batch behind it for about a second (bench/chaos.py --server).
+# The /v1/explain overlay is drawn at most this big: a 9 MP overlay took about a second of CPU
+# (bench/chaos.py --server), which on a small machine every other request feels.
 EXPLAIN_MAX_SIDE = 1024
+# Nice value (Linux, per thread) of the Grad-CAM and bulk-decode threads: 10 gives such a thread
+# about a tenth of the CPU of a normal one when they compete, so small requests go first.
+_BACKGROUND_NICE = 10
+# Paths counted against max_client_requests (the ones that decode and compute).
+_LIMITED_PATHS = {"/v1/predict", "/v1/explain"}
 
 # ImageDecodeError.reason -> HTTP status. Anything not listed is a plain 400.
 _STATUS_FOR_REASON = {
@@ -144,10 +157,13 @@ class _LimitAndMeasure:
     """ASGI middleware: refuse bodies over the limit (by Content-Length up front, and while
     streaming for chunked uploads) and record request count and latency."""
 
-    def __init__(self, app: Any, max_body: int, metrics: _Metrics) -> None:
+    def __init__(self, app: Any, max_body: int, metrics: _Metrics, max_client_requests: int = 0) -> None:
         self.app = app
         self.max_body = max_body
         self.metrics = metrics
+        self.max_client = max_client_requests
+        # In-flight predict/explain requests per client address. Only the event loop touches it.
+        self.in_flight: dict[str, int] = {}
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -178,6 +194,19 @@ class _LimitAndMeasure:
                 resp = _error_response(err, headers={"connection": "close"})
                 await resp(scope, receive, send_wrapper)
                 return
+            client = (scope.get("client") or ("unknown", 0))[0]
+            limited = self.max_client > 0 and path in _LIMITED_PATHS
+            if limited and self.in_flight.get(client, 0) >= self.max_client:
+                err = ApiError(
+                    429,
+                    "too many requests",
+                    f"this client already has {self.max_client} requests in flight (server option "
+                    "--max-client-requests); wait for their answers before sending more",
+                )
+                self.metrics.errors.labels(err.error).inc()
+                resp = _error_response(err, headers={"connection": "close", "retry-after": "1"})
+                await resp(scope, receive, send_wrapper)
+                return
             seen = 0
 
             async def receive_limited() -> dict:
@@ -189,12 +218,21 @@ class _LimitAndMeasure:
                         raise _BodyTooLarge(self.max_body)
                 return message
 
+            if limited:
+                self.in_flight[client] = self.in_flight.get(client, 0) + 1
             try:
                 await self.app(scope, receive_limited, send_wrapper)
             except ClientDisconnect:
                 # The client left mid-request: nothing to answer, and not a server error.
                 status["code"] = 499
                 self.metrics.errors.labels("client disconnected").inc()
+            finally:
+                if limited:
+                    left = self.in_flight[client] - 1
+                    if left:
+                        self.in_flight[client] = left
+                    else:
+                        del self.in_flight[client]  # the table holds active clients only
         finally:
             self.metrics.requests.labels(label, str(status["code"])).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
@@ -217,6 +255,26 @@ def _release_memory() -> None:
         pass
 
 
+def _lower_priority() -> None:
+    """Thread initializer: run this thread at a higher nice value (Linux sets it per thread)."""
+    if sys.platform == "linux":  # elsewhere PRIO_PROCESS with a thread id would renice a process
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICE)
+        except OSError:
+            pass
+
+
+def _explain_bundle(b: Bundle) -> Bundle:
+    """The bundle Grad-CAM runs on: its hooks and backward pass must not meet a batch.
+
+    With ONNX Runtime the PyTorch model is not used for predictions, so it is shared; with
+    the torch backend Grad-CAM gets a deep copy of the network.
+    """
+    if b.model is None or b.backend == "onnxruntime":
+        return b
+    return dataclasses.replace(b, model=copy.deepcopy(b.model), _runner=None, _lock=threading.Lock())
+
+
 @dataclass
 class _Upload:
     name: str
@@ -233,18 +291,31 @@ class ServeState:
     metrics: _Metrics
     decode_slots: int
     explain_lock: asyncio.Lock | None = None
-    _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    explain_bundle: Bundle | None = None  # Grad-CAM's model (see _explain_bundle)
+    _pools: dict[str, ThreadPoolExecutor] = field(default_factory=dict, repr=False)
 
-    def decode_pool(self) -> ThreadPoolExecutor:
+    def _get_pool(self, name: str, workers: int, background: bool) -> ThreadPoolExecutor:
         # Made on first use and again after a shutdown, so the app object can be started twice.
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.decode_slots, thread_name_prefix="imgclf-decode")
-        return self._pool
+        if name not in self._pools:
+            self._pools[name] = ThreadPoolExecutor(
+                max_workers=workers,
+                thread_name_prefix=f"imgclf-{name}",
+                initializer=_lower_priority if background else None,
+            )
+        return self._pools[name]
+
+    def decode_pool(self, bulk: bool = False) -> ThreadPoolExecutor:
+        """Threads decoding uploads; ``bulk``: the lower-priority ones for very large requests."""
+        return self._get_pool("bulk-decode" if bulk else "decode", self.decode_slots, bulk)
+
+    def explain_pool(self) -> ThreadPoolExecutor:
+        """The one lower-priority thread Grad-CAM runs on (never the inference thread)."""
+        return self._get_pool("explain", 1, True)
 
     def close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in self._pools.values():
+            pool.shutdown(wait=True)
+        self._pools.clear()
 
 
 def _state(request: Request) -> ServeState:
@@ -297,8 +368,9 @@ async def read_uploads(request: Request) -> tuple[list[_Upload], dict[str, str]]
     return uploads, fields
 
 
-def _check_request_pixels(st: ServeState, uploads: list[_Upload], per_image: int) -> None:
-    """Refuse, from the headers alone, a request whose images would decode to too many pixels."""
+def _check_request_pixels(st: ServeState, uploads: list[_Upload], per_image: int) -> int:
+    """Refuse, from the headers alone, a request whose images would decode to too many pixels;
+    returns the pixels the headers announce."""
     total = 0
     for i, up in enumerate(uploads):
         size = image_size(up.data)
@@ -322,14 +394,21 @@ def _check_request_pixels(st: ServeState, uploads: list[_Upload], per_image: int
             f"the {len(uploads)} images hold {total:,} pixels together; the limit per request is "
             f"{st.settings.max_request_pixels:,} (send fewer or smaller images per request)",
         )
+    return total
 
 
 async def decode_all(
-    st: ServeState, uploads: list[_Upload], per_image: int | None = None
+    st: ServeState, uploads: list[_Upload], per_image: int | None = None, *, background: bool = False
 ) -> list[np.ndarray]:
-    """Decode a request's images, at most ``decode_slots // 2`` at a time so others keep a share."""
+    """Decode a request's images, at most ``decode_slots // 2`` at a time so others keep a share.
+
+    A request holding more pixels than one maximum-size image (or ``background``: the explain
+    upload) decodes on the lower-priority pool: it still gets the CPU that nobody else wants,
+    but small requests go first.
+    """
     per_image = per_image or st.settings.max_image_pixels
-    _check_request_pixels(st, uploads, per_image)
+    total = _check_request_pixels(st, uploads, per_image)
+    pool = st.decode_pool(bulk=background or total > st.settings.max_image_pixels)
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(max(1, st.decode_slots // 2))
     b, s = st.bundle, st.settings
@@ -337,7 +416,7 @@ async def decode_all(
     async def one(up: _Upload) -> np.ndarray:
         async with slots:
             return await loop.run_in_executor(
-                st.decode_pool(),
+                pool,
                 lambda: b.prepare(up.data, max_pixels=per_image, max_bytes=s.max_upload_bytes, name=up.name),
             )
 
@@ -455,7 +534,7 @@ async def explain(
         raise ApiError(400, "unknown class", f"{class_name!r} is not one of the model's classes: {b.classes}")
     # Decoding with the (smaller) explain limit first means a big image is refused before
     # Grad-CAM opens it at full size.
-    await decode_all(st, uploads, per_image=st.settings.explain_max_pixels)
+    await decode_all(st, uploads, per_image=st.settings.explain_max_pixels, background=True)
     if b.model is None:
         raise ApiError(
             501,
@@ -466,12 +545,17 @@ async def explain(
 
     if st.explain_lock is None:
         st.explain_lock = asyncio.Lock()
+    eb = st.explain_bundle or b
     try:
         async with st.explain_lock:  # one Grad-CAM at a time: each holds several full-size copies
-            png = await st.batcher.run_exclusive(
-                lambda: overlay_png(b, uploads[0].data, class_name=class_name, max_side=EXPLAIN_MAX_SIDE)
+            # Its own thread and model: batches go on while a Grad-CAM runs.
+            png = await asyncio.get_running_loop().run_in_executor(
+                st.explain_pool(),
+                lambda: overlay_png(eb, uploads[0].data, class_name=class_name, max_side=EXPLAIN_MAX_SIDE),
             )
-    except ShuttingDown:
+    except RuntimeError as e:  # the pool was shut down under us: the server is stopping
+        if "shutdown" not in str(e):
+            raise
         raise ApiError(503, "shutting down", "the server is stopping; retry elsewhere") from None
     finally:
         _release_memory()
@@ -498,6 +582,7 @@ async def model_info(request: Request) -> dict[str, Any]:
             "max_images": s.max_images,
             "max_queue": st.batcher.max_queue,
             "request_timeout_s": s.request_timeout_s,
+            "max_client_requests": s.max_client_requests,
         },
     }
 
@@ -616,7 +701,14 @@ def create_app(
         max_queue=s.max_queue,
         on_batch=metrics.on_batch,
     )
-    state = ServeState(b, s, batcher, metrics, decode_slots=s.decode_threads or min(4, os.cpu_count() or 1))
+    state = ServeState(
+        b,
+        s,
+        batcher,
+        metrics,
+        decode_slots=s.decode_threads or min(4, os.cpu_count() or 1),
+        explain_bundle=_explain_bundle(b),
+    )
     app = FastAPI(
         title="imgclf",
         summary=f"Image classifier: {_arch(b)}, {len(b.classes)} classes",
@@ -626,7 +718,12 @@ def create_app(
     app.state.serve = state
     # The older attribute names, read by Ray Serve's wrapper and by tests.
     app.state.bundle, app.state.batcher, app.state.metrics = b, batcher, metrics
-    app.add_middleware(_LimitAndMeasure, max_body=s.max_upload_bytes, metrics=metrics)
+    app.add_middleware(
+        _LimitAndMeasure,
+        max_body=s.max_upload_bytes,
+        metrics=metrics,
+        max_client_requests=s.max_client_requests,
+    )
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

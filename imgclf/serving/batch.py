@@ -1,6 +1,6 @@
-"""Batch prediction of many images into one Parquet file: streaming, bounded memory, resumable.
+r"""Batch prediction of many images into one Parquet file: streaming, bounded memory, resumable.
 
-Two engines produce the same rows (``path, label, probability, top_k, error``):
+Two engines produce the same rows (``path, path_bytes, label, probability, top_k, error``):
 
 * local (default): this process decodes with a thread pool and predicts chunk by chunk;
 * Ray Data (``workers=N``, ``pip install 'imgclf[ray]'``): the list of paths becomes a Ray
@@ -8,8 +8,15 @@ Two engines produce the same rows (``path, label, probability, top_k, error``):
   lazily, and Ray writes the Parquet parts as results stream in.
 
 Results first go to part files in ``OUT.parts/`` (each written atomically or discarded when
-damaged); a re-run skips every path already in ``OUT`` or a part, then merges all parts into
-``OUT`` one part at a time, so memory stays bounded by one chunk.
+damaged); a re-run skips every path already predicted in ``OUT`` or a part, tries the files that
+failed before again (their old error rows are dropped), then merges all parts into ``OUT`` one
+part at a time, so memory stays bounded by one chunk.
+
+File names need not be UTF-8 (Linux allows any bytes) while Parquet text must be: ``path`` is
+the name as printable UTF-8 text (bytes that are not UTF-8 written as ``\xNN``, like
+:func:`imgclf.core.files.display_path`), and ``path_bytes`` holds the name's raw bytes
+(``os.fsencode``), so ``os.fsdecode(row["path_bytes"])`` opens the file. Resuming matches
+``path_bytes``, since two different names can print the same.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imgclf.core.files import display_path
 from imgclf.core.imageio import ImageDecodeError
 from imgclf.data.sources import DataError
 from imgclf.runtime.bundle import Bundle, load_bundle, resolve_bundle_dir
@@ -54,6 +62,7 @@ def schema() -> Any:
     return pa.schema(
         [
             ("path", pa.string()),
+            ("path_bytes", pa.binary()),
             ("label", pa.string()),
             ("probability", pa.float32()),
             ("top_k", pa.list_(top)),
@@ -81,15 +90,18 @@ def predict_table(bundle: Bundle, paths: Sequence[str], *, top_k: int = 5, threa
         loaded = [load(p) for p in paths]
     ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
     rows: list[dict[str, Any]] = [
-        {"path": str(p), "label": None, "probability": None, "top_k": [], "error": x}
+        {"label": None, "probability": None, "top_k": [], "error": display_path(x)}
         if isinstance(x, str)
-        else None
-        for p, x in zip(paths, loaded)
+        else {}
+        for x in loaded
     ]
     if ok:
         probs = bundle.predict_batch(np.stack([loaded[i] for i in ok]))
         for i, r in zip(ok, bundle.top_k(probs, top_k)):
-            rows[i] = {"path": str(paths[i]), **r, "error": None}
+            rows[i] = {**r, "error": None}
+    for p, r in zip(paths, rows):
+        # Parquet text must be UTF-8: the name as printable text, plus its raw bytes for opening it.
+        r["path"], r["path_bytes"] = display_path(p), os.fsencode(p)
     return pa.Table.from_pylist(rows, schema=schema())
 
 
@@ -98,10 +110,12 @@ class BatchSummary:
     out: Path
     total: int  # files matched by the inputs
     predicted: int  # predicted in this run
-    already_done: int  # skipped: present in the output or a part from an earlier run
+    already_done: int  # skipped: predicted (without error) in the output or a part from an earlier run
     failed: int  # rows of this run with an error
+    retried: int  # files that failed in an earlier run and were tried again in this one
     seconds: float
     engine: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why) left out while listing
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +124,8 @@ class BatchSummary:
             "predicted": self.predicted,
             "already_done": self.already_done,
             "failed": self.failed,
+            "retried": self.retried,
+            "skipped_while_listing": len(self.skipped),
             "seconds": round(self.seconds, 2),
             "images_per_s": round(self.predicted / max(self.seconds, 1e-9), 1),
             "engine": self.engine,
@@ -120,18 +136,34 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _done_paths(out: Path) -> set[str]:
-    """Paths already predicted in ``out`` and its parts; damaged parts are deleted (redone)."""
+def _part_files(out: Path) -> list[Path]:
+    pdir = parts_dir(out)
+    return sorted(p for p in pdir.rglob("*.parquet") if not p.name.startswith(".")) if pdir.exists() else []
+
+
+def _read_keys(f: Path) -> tuple[list[bytes], list[bool]]:
+    """(raw path bytes, has an error) per row; files from before ``path_bytes`` use ``path``."""
     import pyarrow.parquet as pq
 
-    done: set[str] = set()
-    files = [out] if out.exists() else []
-    pdir = parts_dir(out)
-    if pdir.exists():
-        files += sorted(p for p in pdir.rglob("*.parquet") if not p.name.startswith("."))
-    for f in files:
+    names = pq.ParquetFile(f).schema_arrow.names
+    key = "path_bytes" if "path_bytes" in names else "path"
+    t = pq.read_table(f, columns=[key, "error"])
+    keys = t.column(key).to_pylist()
+    if key == "path":
+        keys = [k.encode("utf-8") for k in keys]
+    return keys, [e is not None for e in t.column("error").to_pylist()]
+
+
+def _done_paths(out: Path) -> tuple[set[bytes], set[bytes]]:
+    """(predicted, failed) raw paths in ``out`` and its parts; damaged parts are deleted (redone).
+
+    A path predicted in one file and failed in another (a retry that worked) counts as predicted.
+    """
+    done: set[bytes] = set()
+    failed: set[bytes] = set()
+    for f in ([out] if out.exists() else []) + _part_files(out):
         try:
-            col = pq.read_table(f, columns=["path"]).column("path")
+            keys, errs = _read_keys(f)
         except Exception as e:  # a part cut short by a crash: its rows are predicted again
             if f == out:
                 raise DataError(
@@ -141,8 +173,9 @@ def _done_paths(out: Path) -> set[str]:
             log.warning("discarding damaged part %s (%s)", f, e)
             f.unlink()
             continue
-        done.update(col.to_pylist())
-    return done
+        for k, bad in zip(keys, errs):
+            (failed if bad else done).add(k)
+    return done, failed - done
 
 
 def _write_part(table: Any, path: Path) -> None:
@@ -154,15 +187,20 @@ def _write_part(table: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def merge_parts(out: Path) -> int:
-    """Stream ``out`` (if any) and every part into a new ``out``; returns the row count."""
+def merge_parts(out: Path, drop: set[bytes] | None = None) -> int:
+    """Stream ``out`` (if any) and every part into a new ``out``; returns the row count.
+
+    ``drop``: raw paths whose error rows are left out (files about to be tried again).
+    """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    pdir = parts_dir(out)
-    parts = sorted(p for p in pdir.rglob("*.parquet") if not p.name.startswith(".")) if pdir.exists() else []
-    if not parts and out.exists():
+    pa = _require_pyarrow()
+    parts = _part_files(out)
+    if not parts and not drop and out.exists():
         return pq.ParquetFile(out).metadata.num_rows
     sources = ([out] if out.exists() else []) + parts
+    drop_keys = pa.array(sorted(drop or ()), type=pa.binary())
     tmp = out.with_name(f".{out.name}.merge.tmp")
     n = 0
     with pq.ParquetWriter(tmp, schema()) as w:
@@ -170,17 +208,29 @@ def merge_parts(out: Path) -> int:
             pf = pq.ParquetFile(src)
             for rb in pf.iter_batches(batch_size=65536):  # one row group at a time: bounded memory
                 tb = _conform(rb)
+                if len(drop_keys):
+                    retry = pc.and_(
+                        pc.is_in(tb.column("path_bytes"), value_set=drop_keys), pc.is_valid(tb["error"])
+                    )
+                    tb = tb.filter(pc.invert(retry))
                 w.write_table(tb)
                 n += tb.num_rows
     os.replace(tmp, out)
-    shutil.rmtree(pdir, ignore_errors=True)
+    shutil.rmtree(parts_dir(out), ignore_errors=True)
     return n
 
 
 def _conform(rb: Any) -> Any:
-    """A batch from any part as a table of exactly :func:`schema` (Ray may widen or reorder)."""
+    """A batch from any part as a table of exactly :func:`schema` (Ray may widen or reorder).
+
+    Files written before ``path_bytes`` existed get it from ``path`` (then always UTF-8).
+    """
+    import pyarrow.compute as pc
+
     pa = _require_pyarrow()
     t = pa.Table.from_batches([rb])
+    if "path_bytes" not in t.column_names:
+        t = t.append_column("path_bytes", pc.cast(t.column("path"), pa.binary()))
     sch = schema()
     return pa.table([t.column(f.name).cast(f.type) for f in sch], schema=sch)
 
@@ -220,7 +270,8 @@ class _RayPredictor:
         self.top_k = top_k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        return predict_table(self.bundle, [str(p) for p in batch["path"]], top_k=self.top_k)
+        # Paths travel as raw bytes: Arrow text must be UTF-8, file names need not be.
+        return predict_table(self.bundle, [os.fsdecode(bytes(p)) for p in batch["path"]], top_k=self.top_k)
 
 
 def _run_ray(
@@ -249,7 +300,9 @@ def _run_ray(
         # One Ray Data pipeline per chunk: each finished chunk is on disk, so a crash loses at most one.
         for c, s in enumerate(range(0, len(todo), chunk)):
             paths = todo[s : s + chunk]
-            ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, workers * 2))
+            ds = ray.data.from_items(
+                [{"path": os.fsencode(p)} for p in paths], override_num_blocks=max(1, workers * 2)
+            )
             ds = ds.map_batches(
                 _RayPredictor,
                 fn_constructor_args=(str(bundle_dir), top_k),
@@ -288,7 +341,8 @@ def predict_dataset(
     """Predict every image under ``inputs`` (folders, files, globs) into the Parquet file ``out``.
 
     ``workers`` (or ``address``) selects the Ray Data engine; otherwise this process does the work.
-    Paths already in ``out`` (or its parts) are skipped, so an interrupted run resumes.
+    Paths already predicted in ``out`` (or its parts) are skipped, so an interrupted run resumes;
+    files that failed in an earlier run are tried again and their old error rows replaced.
     """
     _require_pyarrow()
     t0 = time.time()
@@ -300,15 +354,22 @@ def predict_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     bdir = resolve_bundle_dir(bundle)
     b = load_bundle(bdir)  # fail fast, before listing millions of files
-    files, missing = expand_paths(list(inputs))
+    skipped: list[tuple[str, str]] = []
+    files, missing = expand_paths(list(inputs), skipped)
     if missing:
         raise DataError(f"no such file, folder or matching glob: {', '.join(missing)}")
     if not files:
         raise DataError(f"no image files under {', '.join(inputs)}")
     files = [str(Path(f).resolve()) for f in files]
-    done = _done_paths(out)
-    todo = [f for f in files if f not in done]
+    done, failed_before = _done_paths(out)
+    keys = [os.fsencode(f) for f in files]
+    todo = [f for f, k in zip(files, keys) if k not in done]
+    retry = failed_before.intersection(keys)
     already = len(files) - len(todo)
+    if retry:
+        log.info("trying again %d file(s) that failed in an earlier run", len(retry))
+        # Their error rows go now, so a crash before the retry is written leaves them still to do.
+        merge_parts(out, drop=retry)
     pdir = parts_dir(out)
     pdir.mkdir(exist_ok=True)
     engine = "local"
@@ -338,7 +399,9 @@ def predict_dataset(
                 progress=progress,
             )
     merge_parts(out)
-    return BatchSummary(out, len(files), len(todo), already, failed, time.time() - t0, engine)
+    return BatchSummary(
+        out, len(files), len(todo), already, failed, len(retry), time.time() - t0, engine, skipped
+    )
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:

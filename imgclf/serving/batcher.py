@@ -54,8 +54,9 @@ class Batcher:
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
         self.predict = predict
-        # One thread owns the model, so batches (and anything sent through run_exclusive, such
-        # as Grad-CAM hooks) never run on it at the same time.
+        # One thread owns the model, so batches (and anything sent through run_exclusive) never
+        # run on it at the same time. Grad-CAM does not come here: it has its own thread and
+        # model (imgclf.serving.app), so a slow explain never holds a batch.
         self.executor = executor
         self._own_executor = executor is None
         self.max_batch = max_batch

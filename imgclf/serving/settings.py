@@ -88,6 +88,15 @@ class ServeSettings(_Checked):
     explain_max_pixels: int = _opt(
         12_000_000, "largest image /v1/explain accepts (Grad-CAM keeps several copies in memory)", ge=1
     )
+    # Per client address, so one client opening many connections cannot take every decode
+    # thread and queue slot. 32 lets one client keep a full default batch in flight; behind a
+    # reverse proxy every client has the proxy's address, so raise it or turn it off (0) there.
+    max_client_requests: int = _opt(
+        32,
+        "most /v1/predict and /v1/explain requests one client address may have in flight; "
+        "more get 429 (0 = no limit; behind a proxy all clients share its address)",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)
