@@ -191,3 +191,30 @@ def test_unknown_label_model_is_one_line(noisy: tuple[Path, dict[str, str]], tmp
     )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "nosuchnet" in err and "\n" not in err
+
+
+def test_relabelled_copy_keeps_splits_and_never_overwrites(sign_dir: Path, tmp_path: Path) -> None:
+    from imgclf.analysis.labels import LabelIssue, LabelReport, relabelled_copy
+    from imgclf.data import sources as D
+
+    root = tmp_path / "ds"
+    a, b = sorted((sign_dir / "0").iterdir())[:2], sorted((sign_dir / "1").iterdir())[:2]
+    for split in ("train", "val"):
+        for c, files in (("0", a), ("1", b)):
+            (root / split / c).mkdir(parents=True)
+            for f in files:
+                _link(f, root / split / c / f.name)
+    _link(a[0], root / "train" / "1" / a[0].name)  # the same name in the class it will move to
+    index = D.index_source(str(root))
+    issue = LabelIssue(f"train/0/{a[0].name}", "0", "1", 0.01, 0.99)
+    report = LabelReport([issue], len(index), ["0", "1"], 0.5, [], 0.0, {})
+    before = _snapshot(root)
+    out = relabelled_copy(index.root, index.items, report, tmp_path / "fixed")
+    assert _snapshot(root) == before
+    moved = json.loads((out / "relabelled.json").read_text())["moved"]
+    renamed = f"train/1/{Path(a[0].name).stem}.relabelled1{Path(a[0].name).suffix}"
+    assert moved == [{"from": issue.path, "to": renamed, "given": "0", "suggested": "1"}]
+    assert (out / renamed).read_bytes() == a[0].read_bytes()
+    assert not (out / issue.path).exists() and (out / "train" / "1" / a[0].name).is_file()
+    assert (out / "val" / "0" / a[0].name).is_file()  # the other split is untouched
+    assert len([p for p in out.rglob("*") if p.is_file()]) == len(index) + 1  # + relabelled.json

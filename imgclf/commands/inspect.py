@@ -112,7 +112,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="exit with status 1 if any file is unreadable or any label conflict or leakage is found",
     )
-    from imgclf.training.kfold import DEFAULTS
+    from imgclf.training.kfold import DEFAULTS, MIN_STEPS
 
     g = p.add_argument_group("label errors (--labels)")
     g.add_argument(
@@ -142,7 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--label-epochs",
         type=_int_at_least(1),
         metavar="N",
-        help=f"epochs per fold (default: {DEFAULTS['epochs']})",
+        help=f"epochs per fold (default: {DEFAULTS['epochs']}; more on small sets: {MIN_STEPS}+ steps)",
     )
     g.add_argument(
         "--label-size",
@@ -151,7 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"input size of the fold models (default: {DEFAULTS['img_size']} for the default model, "
         "else the model's own)",
     )
-    g.add_argument("--label-seed", type=int, default=0, help="seed of the folds and models (default: 0)")
+    g.add_argument(
+        "--label-seed", type=int, default=0, metavar="N", help="seed of the folds and models (default: 0)"
+    )
     g.add_argument(
         "--threads",
         type=_int_at_least(1),
