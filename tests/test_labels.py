@@ -66,13 +66,11 @@ def checked(noisy: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPat
     work = tmp_path_factory.mktemp("labels-out")
     before = _snapshot(root)
     threads = torch.get_num_threads()
-    try:
-        rc, text = _run(
-            ["inspect", "--data", str(root), "--labels", *FAST, "--json"]
-            + ["--out", str(work / "out"), "--fix-to", str(work / "fixed")]
-        )
-    finally:
-        torch.set_num_threads(threads)
+    rc, text = _run(
+        ["inspect", "--data", str(root), "--labels", *FAST, "--json"]
+        + ["--out", str(work / "out"), "--fix-to", str(work / "fixed")]
+    )
+    assert torch.get_num_threads() == threads  # --threads is restored after the check
     return {
         "rc": rc,
         "report": json.loads(text),

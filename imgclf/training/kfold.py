@@ -200,16 +200,33 @@ def out_of_fold_probs(
     ``data`` is a ``--data`` value or an already indexed source; ``subset`` restricts it to those
     item indices; ``labels`` (aligned with ``subset`` or the whole source) replaces the given labels,
     e.g. to plant label noise in memory. ``overrides`` are :class:`TrainConfig` keys (``model``,
-    ``img_size``, ``epochs``, ...) over :data:`DEFAULTS`.
+    ``img_size``, ``epochs``, ...) over :data:`DEFAULTS`. ``threads`` sets PyTorch's compute
+    threads for the call (restored after).
     """
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _out_of_fold(data, folds, subset, labels, seed, progress, overrides)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _out_of_fold(
+    data: str | D.SourceIndex,
+    folds: int,
+    subset: np.ndarray | None,
+    labels: np.ndarray | None,
+    seed: int,
+    progress: bool,
+    overrides: dict[str, Any],
+) -> OutOfFold:
     from sklearn.model_selection import StratifiedKFold
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     index = data if isinstance(data, D.SourceIndex) else D.index_source(str(data))
     cfg = kfold_config(index.name, **overrides)
-    if threads:
-        torch.set_num_threads(threads)
     idx = np.arange(len(index)) if subset is None else np.asarray(subset, dtype=np.int64)
     given = index.labels[idx] if labels is None else np.asarray(labels, dtype=np.int64)
     if len(given) != len(idx):
