@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgclf.analysis.labels import LabelReport
 from imgclf.core.files import display_path
 from imgclf.core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
 from imgclf.data import sources as D
@@ -215,7 +216,8 @@ class DoctorReport:
     """The dataset doctor's findings; :meth:`to_dict` is exactly ``inspect.json``.
 
     ``index`` and ``infos`` (the source and its scan) are kept for :func:`write_html`'s
-    thumbnails; they are not part of the JSON.
+    thumbnails; they are not part of the JSON. ``labels`` (set by ``inspect --labels``) adds
+    ``label_check`` (how it ran) and ``label_issues`` (path, given, suggested, score, confidence).
     """
 
     source: str
@@ -238,6 +240,7 @@ class DoctorReport:
     index: D.SourceIndex | None = field(default=None, repr=False)
     infos: list[ItemInfo] | None = field(default=None, repr=False)
     skipped: list[Skipped] = field(default_factory=list)
+    labels: LabelReport | None = None  # ``inspect --labels``: likely label errors
 
     @property
     def problems(self) -> int:
@@ -251,7 +254,7 @@ class DoctorReport:
         def each(xs: list[Any]) -> list[dict[str, Any]]:
             return [x.to_dict() for x in xs]
 
-        return {
+        d = {
             "source": self.source,
             "kind": self.kind,
             "classes": list(self.classes),
@@ -271,6 +274,10 @@ class DoctorReport:
             "leakage": each(self.leakage),
             "splits_checked": list(self.splits_checked),
         }
+        if self.labels is not None:
+            d["label_check"] = self.labels.summary()
+            d["label_issues"] = each(self.labels.issues)
+        return d
 
     def to_json(self) -> str:
         """``inspect.json``'s text."""
@@ -662,6 +669,21 @@ def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> s
     section("train/val/test leakage", report["leakage"], grp)
     section("exact duplicate groups", report["exact_duplicates"], grp)
     section("near-duplicate groups", report["near_duplicates"], grp)
+    if "label_check" in report:
+        lc = report["label_check"]
+        lines.append(
+            f"\nlabel check: {lc['folds']}-fold {lc['model']} at {lc['img_size']} px, {lc['epochs']} epochs, "
+            f"{lc['seconds']:.0f} s; out-of-fold accuracy {lc['oof_accuracy']:.3f}; "
+            f"{lc['flagged']} of {lc['images']} images flagged"
+        )
+        section(
+            "likely label errors, worst first (score = probability of the given label)",
+            report["label_issues"],
+            lambda e: (
+                f"{e['path']}: {e['given']} -> {e['suggested']} "
+                f"(score {e['score']:.3f}, {e['suggested']} {e['confidence']:.3f})"
+            ),
+        )
     return "\n".join(lines)
 
 
@@ -678,6 +700,33 @@ def _thumb(index: D.SourceIndex, i: int, side: int = 96) -> str:
     except (ImageDecodeError, OSError, ValueError):
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _label_html(
+    report: dict[str, Any], index: D.SourceIndex, pos: dict[str, int], max_items: int
+) -> list[str]:
+    """The "likely label errors" section: one card per flagged image, worst first."""
+    esc = html.escape
+    lc, issues = report["label_check"], report["label_issues"]
+    out = [
+        f"<h2>Likely label errors ({len(issues)})</h2>",
+        f"<p>{esc(lc['method'])}; out-of-fold probabilities of {lc['folds']} {esc(lc['model'])} models "
+        f"({lc['img_size']} px, {lc['epochs']} epochs), out-of-fold accuracy {lc['oof_accuracy']:.3f}, "
+        f"{lc['seconds']:.0f} s. Score: the held-out probability of the given label (lower = more "
+        "likely wrong).</p><div class='g'>",
+    ]
+    for e in issues[:max_items]:
+        i = pos.get(e["path"])
+        src = _thumb(index, i) if i is not None else ""
+        im = f"<img src='{src}' alt=''>" if src else "<div class='miss'></div>"
+        out.append(
+            f"<div class='c'>{im}{esc(e['path'])}<br>given <b>{esc(e['given'])}</b> &rarr; "
+            f"<b>{esc(e['suggested'])}</b><br>score {e['score']:.3f} &middot; {e['confidence']:.2f}</div>"
+        )
+    out.append("</div>")
+    if len(issues) > max_items:
+        out.append(f"<p>... {len(issues) - max_items} more in inspect.json</p>")
+    return out
 
 
 def write_html(
@@ -749,6 +798,8 @@ def write_html(
         if len(groups) > max_groups:
             out.append(f"<p>... {len(groups) - max_groups} more groups in inspect.json</p>")
     bar.close()
+    if "label_issues" in report:
+        out.extend(_label_html(report, index, pos, max_groups))
     for title, key, fmt in [
         ("Unreadable", "unreadable", lambda e: f"{e['reason']} {e.get('detail', '')}"),
         ("Skipped while listing", "skipped", lambda e: e["reason"]),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 NAME = "inspect"
-HELP = "check a dataset: unreadable files, duplicates, label conflicts, leakage, imbalance"
+HELP = "check a dataset: unreadable files, duplicates, label conflicts, leakage, imbalance, label errors"
 DESCRIPTION = (
     "The dataset doctor. Reads every image once and reports, per class and in total: image\n"
     "count, formats and modes, size range, unreadable or truncated files (with the reason),\n"
@@ -25,8 +26,32 @@ DESCRIPTION = (
     "  imgclf inspect --data path/to/dataset --splits runs/pokedex/splits.json\n"
     "  imgclf inspect --data mnist --no-near --json\n"
     "\n"
-    "`imgclf train` runs the same checks before splitting (see its --dedup option)."
+    "`imgclf train` runs the same checks before splitting (see its --dedup option).\n"
+    "\n"
+    "Label errors (--labels): trains --kfold small models, each on all but one fold, so every\n"
+    "image gets class probabilities from a model that never saw it; confident learning\n"
+    "(cleanlab) then flags the images whose given label those probabilities contradict, worst\n"
+    "first, each with a suggested class (inspect.json `label_issues`: path, given, suggested,\n"
+    "score = held-out probability of the given label). --fix-to DIR writes a copy of a folder\n"
+    "dataset (hard links) with the flagged images moved to their suggested class; the source is\n"
+    "never modified.\n"
+    "  imgclf inspect --data path/to/dataset --labels --out runs/inspect\n"
+    "  imgclf inspect --data path/to/dataset --labels --kfold 5 --fix-to path/to/relabelled"
 )
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} is below {low}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,6 +112,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="exit with status 1 if any file is unreadable or any label conflict or leakage is found",
     )
+    from imgclf.training.kfold import DEFAULTS, MIN_STEPS
+
+    g = p.add_argument_group("label errors (--labels)")
+    g.add_argument(
+        "--labels",
+        action="store_true",
+        help="find likely mislabelled images by K-fold out-of-fold probabilities and cleanlab",
+    )
+    g.add_argument(
+        "--kfold",
+        type=_int_at_least(2),
+        default=5,
+        metavar="K",
+        help="folds (models trained) for --labels (default: %(default)s)",
+    )
+    g.add_argument(
+        "--fix-to",
+        metavar="DIR",
+        help="with --labels: write a copy of the (folder) dataset with the flagged images moved to their "
+        "suggested class (hard links; DIR must be new or empty and outside the source)",
+    )
+    g.add_argument(
+        "--label-model",
+        metavar="NAME",
+        help=f"model trained per fold (default: {DEFAULTS['model']}; see `imgclf models`)",
+    )
+    g.add_argument(
+        "--label-epochs",
+        type=_int_at_least(1),
+        metavar="N",
+        help=f"epochs per fold (default: {DEFAULTS['epochs']}; more on small sets: {MIN_STEPS}+ steps)",
+    )
+    g.add_argument(
+        "--label-size",
+        type=_int_at_least(4),
+        metavar="PX",
+        help=f"input size of the fold models (default: {DEFAULTS['img_size']} for the default model, "
+        "else the model's own)",
+    )
+    g.add_argument(
+        "--label-seed", type=int, default=0, metavar="N", help="seed of the folds and models (default: 0)"
+    )
+    g.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        help="PyTorch compute threads for --labels (default: all cores)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     from imgclf.core.files import display_path
 
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.fix_to and not args.labels:
+        print("imgclf inspect: error: --fix-to needs --labels", file=sys.stderr)
+        return 2
     report = inspect_source(
         args.data,
         near=not args.no_near,
@@ -105,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         huge_pixels=args.huge_pixels,
         progress=progress,
     )
+    if args.labels:
+        report.labels = _label_check(report, args, progress)
     out = Path(args.out)
     try:
         write_report(report, out, html=not args.no_html, progress=progress)
@@ -114,10 +191,58 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    fixed = None
+    if args.fix_to:
+        from imgclf.analysis.labels import relabelled_copy
+
+        assert report.index is not None and report.labels is not None
+        fixed = relabelled_copy(report.index.root, report.index.items, report.labels, args.fix_to)
     if args.json:
         print(report.to_json(), end="")
     else:
         print(display_path(summary_text(report)))
         written = "inspect.json" + ("" if args.no_html else " and inspect.html")
         print(f"\nwrote {written} to {out}")
+        if fixed is not None:
+            print(f"wrote a copy with {len(report.labels.issues)} image(s) relabelled to {fixed}")
     return 1 if args.strict and report.problems else 0
+
+
+def _label_check(report: Any, args: argparse.Namespace, progress: bool) -> Any:
+    """K-fold out-of-fold probabilities (training) ranked by cleanlab (analysis): a LabelReport."""
+    from imgclf.analysis.labels import check_fix_target, find_label_issues
+    from imgclf.core.errors import DataError
+    from imgclf.training.kfold import out_of_fold_probs
+
+    index = report.index
+    if args.fix_to:
+        if index.kind != "folder":
+            raise DataError(f"--fix-to: {index.name} is a built-in dataset; --fix-to copies image folders")
+        check_fix_target(index.root, args.fix_to)  # before the models train, not after
+    # unreadable files are left out (the doctor lists them)
+    bad = {e.path for e in report.unreadable}
+    keep = [i for i, it in enumerate(index.items) if index.relpath(it) not in bad]
+    oof = out_of_fold_probs(
+        index,
+        folds=args.kfold,
+        subset=keep,
+        seed=args.label_seed,
+        progress=progress,
+        threads=args.threads,
+        model=args.label_model,
+        img_size=args.label_size,
+        epochs=args.label_epochs,
+        workers=args.workers,
+        max_pixels=args.max_pixels,
+    )
+    pos = {it: i for i, it in enumerate(index.items)}
+    return find_label_issues(
+        oof.probs,
+        oof.labels,
+        oof.classes,
+        [index.relpath(it) for it in oof.items],
+        indices=[pos[it] for it in oof.items],
+        fold_accuracy=oof.fold_accuracy,
+        seconds=oof.seconds,
+        settings=oof.settings,
+    )
