@@ -76,6 +76,8 @@ _PREDICT_EXAMPLE = {
             "label": "3",
             "probability": 0.97,
             "top_k": [{"label": "3", "probability": 0.97}, {"label": "8", "probability": 0.02}],
+            "unknown": False,
+            "ood_score": 0.41,
             "filename": "hand.jpg",
         }
     ]
@@ -504,7 +506,10 @@ async def predict(
         raise ApiError(503, "shutting down", "the server is stopping; retry elsewhere") from None
     finally:
         st.metrics.queue_depth.set(batcher.depth)
-    results = st.bundle.top_k(np.stack(rows), k)
+    table = np.stack(rows)
+    n = len(st.bundle.classes)
+    # Rows are probabilities, then the unknown-image score when the bundle has one (see _scored).
+    results = st.bundle.top_k(table[:, :n], k, table[:, n] if table.shape[1] > n else None)
     for up, r in zip(uploads, results):
         r["filename"] = up.name
     if sum(im.nbytes for im in images) + sum(len(u.data) for u in uploads) > _TRIM_AFTER_BYTES:
@@ -574,6 +579,8 @@ async def model_info(request: Request) -> dict[str, Any]:
         "metrics": m.get("metrics", {}),
         "sha256": b.sha256,
         "created": m.get("created"),
+        "calibration": m.get("calibration"),
+        "unknown_rejection": m.get("ood"),
         "batching": {"max_batch": st.batcher.max_batch, "max_wait_ms": st.batcher.max_wait * 1000},
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
@@ -641,6 +648,16 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 # --------------------------------------------------------------------------- the app
 
 
+def _scored(b: Bundle) -> Callable[[np.ndarray], np.ndarray]:
+    """The batcher's function: one row per image, the probabilities then the unknown-image score."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        probs, scores = b.predict_scored(batch)
+        return probs if scores is None else np.concatenate([probs, scores[:, None]], axis=1)
+
+    return run
+
+
 def _check_can_predict(b: Bundle) -> None:
     """A bundle that cannot predict fails now, with one line, instead of answering 500 later.
 
@@ -649,9 +666,11 @@ def _check_can_predict(b: Bundle) -> None:
     """
     h, w = b.pre.size
     try:
-        probs = b.predict_batch(np.zeros((1, h, w, b.pre.channels), np.uint8))
+        probs, scores = b.predict_scored(np.zeros((1, h, w, b.pre.channels), np.uint8))
     except Exception as e:  # noqa: BLE001 - any failure here means the server would be useless
         raise BundleError(f"{b.path}: the model cannot predict ({type(e).__name__}: {e})") from e
+    if scores is not None and not np.isfinite(scores).all():
+        raise BundleError(f"{b.path}: the unknown-image score is not finite on a test image")
     if probs.shape != (1, len(b.classes)) or not np.isfinite(probs).all():
         raise BundleError(
             f"{b.path}: the model returned {probs.shape} / non-finite probabilities on a test image"
@@ -695,7 +714,7 @@ def create_app(
     _check_can_predict(b)
     metrics = _Metrics()
     batcher = Batcher(
-        b.predict_batch,
+        _scored(b),
         max_batch=s.max_batch,
         max_wait_ms=s.max_wait_ms,
         max_queue=s.max_queue,

@@ -1,6 +1,7 @@
 r"""Batch prediction of many images into one Parquet file: streaming, bounded memory, resumable.
 
-Two engines produce the same rows (``path, path_bytes, label, probability, top_k, error``):
+Two engines produce the same rows (``path, path_bytes, label, probability, top_k, unknown, ood_score,
+error``):
 
 * local (default): this process decodes with a thread pool and predicts chunk by chunk;
 * Ray Data (``workers=N``, ``pip install 'imgclf[ray]'``): the list of paths becomes a Ray
@@ -66,6 +67,9 @@ def schema() -> Any:
             ("label", pa.string()),
             ("probability", pa.float32()),
             ("top_k", pa.list_(top)),
+            # Null when the bundle has no unknown-image rejection (or the file failed).
+            ("unknown", pa.bool_()),
+            ("ood_score", pa.float32()),
             ("error", pa.string()),
         ]
     )
@@ -96,8 +100,8 @@ def predict_table(bundle: Bundle, paths: Sequence[str], *, top_k: int = 5, threa
         for x in loaded
     ]
     if ok:
-        probs = bundle.predict_batch(np.stack([loaded[i] for i in ok]))
-        for i, r in zip(ok, bundle.top_k(probs, top_k)):
+        probs, scores = bundle.predict_scored(np.stack([loaded[i] for i in ok]))
+        for i, r in zip(ok, bundle.top_k(probs, top_k, scores)):
             rows[i] = {**r, "error": None}
     for p, r in zip(paths, rows):
         # Parquet text must be UTF-8: the name as printable text, plus its raw bytes for opening it.
@@ -232,6 +236,9 @@ def _conform(rb: Any) -> Any:
     if "path_bytes" not in t.column_names:
         t = t.append_column("path_bytes", pc.cast(t.column("path"), pa.binary()))
     sch = schema()
+    for name in ("unknown", "ood_score"):  # parts written before unknown-image rejection existed
+        if name not in t.column_names:
+            t = t.append_column(name, pa.nulls(len(t), sch.field(name).type))
     return pa.table([t.column(f.name).cast(f.type) for f in sch], schema=sch)
 
 

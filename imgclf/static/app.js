@@ -63,6 +63,15 @@ function showPrediction(item, p) {
   label.className = "pred-label";
   label.textContent = p.label;
   item.pred.append(label, ` ${pct(p.probability)}`);
+  if (p.unknown) {
+    // The best class is still shown: the score only says the image looks like none of the classes.
+    const unk = document.createElement("span");
+    unk.className = "unknown";
+    unk.textContent = "unknown";
+    unk.title = `unknown-image score ${p.ood_score.toPrecision(4)} is past the model's threshold`;
+    item.pred.prepend(unk, " ");
+    item.card.classList.add("is-unknown");
+  }
   item.bars.textContent = "";
   p.top_k.forEach((t, i) => {
     const row = document.createElement("div");
