@@ -296,7 +296,8 @@ def mnist_scores(mnist_bundle: Path, shared_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_default_score_tells_fashion_from_digits(mnist_scores: dict[str, np.ndarray]) -> None:
-    assert ood.auroc(mnist_scores["test"], mnist_scores["fashion"]) > 0.85
+    # Measured 0.9997 with this fixture (LeNet, 3,000 images, 2 epochs, 96 % test accuracy).
+    assert ood.auroc(mnist_scores["test"], mnist_scores["fashion"]) > 0.95
 
 
 def test_threshold_keeps_the_asked_share_of_real_scores(mnist_scores: dict[str, np.ndarray]) -> None:
