@@ -35,6 +35,8 @@ DEFAULT_JSON = ROOT / "bench" / "results" / "ood.json"
 KEEP_RATE = 0.95
 # Unknown sets larger than this are sampled (seeded): AUROC over 3,000 images is stable to ~0.005.
 MAX_UNKNOWN = 3000
+# Images of the unknown set handed to threshold_for_keep_rate as --negatives (never evaluated).
+N_NEGATIVES = 500
 
 
 def models(epochs_scale: float = 1.0) -> dict[str, dict[str, Any]]:
@@ -132,18 +134,26 @@ def split_images(bundle: Any, work: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def unknown_images(name: str, bundle: Any, work: Path, seed: int = 0) -> np.ndarray:
-    """Images of an unknown set (test split where it has one), sampled to MAX_UNKNOWN, seeded."""
+def unknown_images(name: str, bundle: Any, work: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(evaluated unknowns, "negatives" for --negatives), disjoint, seeded.
+
+    MNIST / Fashion-MNIST: test images (sampled to MAX_UNKNOWN) and N_NEGATIVES training images.
+    Folders: a quarter (at most N_NEGATIVES) as negatives, the rest (at most MAX_UNKNOWN) evaluated.
+    """
     from imgclf.data.sources import index_source
 
+    rng = np.random.default_rng(seed)
     spec = name if name in ("mnist", "fashion-mnist") else str(SHARED / name)
     index = index_source(spec)
-    idx = (
-        np.flatnonzero(index.split == "test") if name in ("mnist", "fashion-mnist") else np.arange(len(index))
-    )
-    if len(idx) > MAX_UNKNOWN:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, MAX_UNKNOWN, replace=False))
-    return _decode(index, idx, bundle, work)
+    if name in ("mnist", "fashion-mnist"):
+        ev = rng.permutation(np.flatnonzero(index.split == "test"))
+        neg = rng.permutation(np.flatnonzero(index.split == "train"))[:N_NEGATIVES]
+    else:
+        perm = rng.permutation(len(index))
+        cut = min(N_NEGATIVES, len(perm) // 4)
+        neg, ev = perm[:cut], perm[cut:]
+    ev = np.sort(ev[:MAX_UNKNOWN])
+    return _decode(index, ev, bundle, work), _decode(index, np.sort(neg), bundle, work)
 
 
 def features(bundle: Any, images: np.ndarray, batch: int = 256) -> tuple[Any, Any]:
@@ -189,7 +199,10 @@ def score_model(name: str, bundle_dir: Path, unknowns: list[str], work: Path) ->
     from imgclf.models.registry import logits_to_probs
 
     acc = float((logits_to_probs(feats["test"][1]).argmax(1).numpy() == imgs["test_labels"]).mean())
-    unk = {u: features(bundle, unknown_images(u, bundle, work)) for u in unknowns}
+    unk, negs = {}, {}
+    for u in unknowns:
+        ev, neg = unknown_images(u, bundle, work)
+        unk[u], negs[u] = features(bundle, ev), features(bundle, neg)
     print(
         f"[{name}] test accuracy {100 * acc:.2f} %; features: train {len(imgs['train'])}, "
         f"val {len(imgs['val'])}, test {len(imgs['test'])}, "
@@ -208,6 +221,8 @@ def score_model(name: str, bundle_dir: Path, unknowns: list[str], work: Path) ->
             thr = ood.threshold_for_keep_rate(val, KEEP_RATE)
             for u in unknowns:
                 out = scorer(*unk[u]).numpy()
+                neg = scorer(*negs[u]).numpy()
+                thr_neg = ood.threshold_for_keep_rate(val, KEEP_RATE, negative_scores=neg)
                 rows.append(
                     {
                         "model": name,
@@ -218,6 +233,9 @@ def score_model(name: str, bundle_dir: Path, unknowns: list[str], work: Path) ->
                         "auroc": round(ood.auroc(test, out), 4),
                         "rejected_at_95": round(float((out > thr).mean()), 4),
                         "test_kept": round(float((test <= thr).mean()), 4),
+                        "rejected_with_negatives": round(float((out > thr_neg).mean()), 4),
+                        "test_kept_with_negatives": round(float((test <= thr_neg).mean()), 4),
+                        "n_negatives": len(neg),
                         "test_accuracy": round(acc, 4),
                         "n_in_test": len(test),
                         "n_val": len(val),
@@ -230,13 +248,15 @@ def score_model(name: str, bundle_dir: Path, unknowns: list[str], work: Path) ->
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | unknowns | score | AUROC | unknowns rejected at 95 % kept | test kept |",
-        "|---|---|---|---:|---:|---:|",
+        "| model | unknowns | score | AUROC | unknowns rejected at 95 % kept | test kept "
+        "| with --negatives: rejected | test kept |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['unknown']} | {r['score']} | {r['auroc']:.3f} | "
-            f"{100 * r['rejected_at_95']:.1f} % | {100 * r['test_kept']:.1f} % |"
+            f"{100 * r['rejected_at_95']:.1f} % | {100 * r['test_kept']:.1f} % | "
+            f"{100 * r['rejected_with_negatives']:.1f} % | {100 * r['test_kept_with_negatives']:.1f} % |"
         )
     return "\n".join(lines)
 
@@ -256,6 +276,12 @@ def summary(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, list
                     "mean_auroc": round(float(np.mean([r["auroc"] for r in rs])), 4),
                     "mean_rejected_at_95": round(float(np.mean([r["rejected_at_95"] for r in rs])), 4),
                     "mean_test_kept": round(float(np.mean([r["test_kept"] for r in rs])), 4),
+                    "mean_rejected_with_negatives": round(
+                        float(np.mean([r["rejected_with_negatives"] for r in rs])), 4
+                    ),
+                    "mean_test_kept_with_negatives": round(
+                        float(np.mean([r["test_kept_with_negatives"] for r in rs])), 4
+                    ),
                 }
             )
     best = max(out, key=lambda r: (r["mean_auroc"], r["mean_rejected_at_95"]))["score"]
@@ -301,12 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     summ, best, disagree = summary(rows)
     print()
-    print("| score | mean AUROC | mean rejected at 95 % kept | mean test kept |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| score | mean AUROC | mean rejected at 95 % kept | mean test kept "
+        "| with --negatives: rejected | test kept |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for s in summ:
         print(
             f"| {s['score']} | {s['mean_auroc']:.3f} | {100 * s['mean_rejected_at_95']:.1f} % | "
-            f"{100 * s['mean_test_kept']:.1f} % |"
+            f"{100 * s['mean_test_kept']:.1f} % | {100 * s['mean_rejected_with_negatives']:.1f} % | "
+            f"{100 * s['mean_test_kept_with_negatives']:.1f} % |"
         )
     print(f"\nbest on average over the deciding pairs: {best}")
     for d in disagree:
@@ -317,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "keep_rate": KEEP_RATE,
         "max_unknown": MAX_UNKNOWN,
+        "n_negatives": N_NEGATIVES,
         "models": {m: {"bundle": str(bundles[m][0]), **bundles[m][1]} for m in chosen},
         "pairs": [{"model": m, "unknown": u, "decides_default": d} for m, u, d in PAIRS],
         "rows": rows,

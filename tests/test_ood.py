@@ -296,7 +296,8 @@ def mnist_scores(mnist_bundle: Path, shared_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_default_score_tells_fashion_from_digits(mnist_scores: dict[str, np.ndarray]) -> None:
-    assert ood.auroc(mnist_scores["test"], mnist_scores["fashion"]) > 0.85
+    # Measured 0.9997 with this fixture (LeNet, 3,000 images, 2 epochs, 96 % test accuracy).
+    assert ood.auroc(mnist_scores["test"], mnist_scores["fashion"]) > 0.95
 
 
 def test_threshold_keeps_the_asked_share_of_real_scores(mnist_scores: dict[str, np.ndarray]) -> None:
@@ -317,3 +318,14 @@ def test_threshold_keeps_the_asked_share_of_real_scores(mnist_scores: dict[str, 
         return float((val <= t).mean() + (fashion[:500] > t).mean())
 
     assert j(neg) >= j(base)
+
+
+def test_covariance_sample_is_bounded(synthetic, monkeypatch: pytest.MonkeyPatch) -> None:
+    f, y, logits = synthetic
+    full = ood.fit_scorer("mahalanobis", f, y, K)
+    monkeypatch.setattr(ood, "MAX_COV_ROWS", 200)
+    part = ood.fit_scorer("mahalanobis", f, y, K)
+    assert not torch.equal(part.whiten, full.whiten)  # the covariance came from the 200-row sample
+    torch.testing.assert_close(part.center, full.center)  # means and centre still use every row
+    far = f[:100] + 25.0
+    assert ood.auroc(part(f[:100], logits[:100]).numpy(), part(far, logits[:100]).numpy()) > 0.99
