@@ -137,7 +137,7 @@ def test_bundle_without_rejection_says_so(mnist_bundle: Path, digit_pngs: Path, 
     [
         (lambda m: m["ood"].update(threshold="high"), "ood.threshold='high'"),
         (lambda m: m["ood"]["scorer"].update(kind="magic"), "kind='magic'"),
-        (lambda m: m["ood"]["scorer"].update(dims=3), "ood.whiten"),
+        (lambda m: m["ood"]["scorer"].update(dims=3), "tensor 'ood.center' has shape"),
     ],
 )
 def test_tampered_ood_block_is_one_clear_line(mnist_bundle: Path, tmp_path: Path, edit, words) -> None:
