@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,23 +29,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from suite import cpu_facts  # noqa: E402
+
 SHARED = Path(os.environ.get("IMGCLF_SHARED", ROOT.parent / "shared" / "datasets"))
 OUT = ROOT / "bench" / "results" / "label_errors.json"
-
-
-def cpu_facts() -> dict[str, Any]:
-    """CPU model and the flags that decide speed (as bench/suite.py records them)."""
-    model, flags = platform.processor(), []
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), model
-        )
-        have = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-        flags = [f for f in have if f.startswith(("avx", "amx", "fma"))]
-    except OSError:
-        pass
-    return {"model": model, "flags": flags, "cores": os.cpu_count()}
 
 
 def flip_labels(labels: np.ndarray, k: int, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
