@@ -65,7 +65,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         cmd = [sys.executable, "-m", "imgclf", "serve", str(bundle), "--host", HOST]
-        cmd += ["--port", str(self.port), "--log-level", "warning", *extra]
+        # Every simulated client comes from the one loopback address: no per-address limit.
+        cmd += ["--port", str(self.port), "--log-level", "warning", "--max-client-requests", "0", *extra]
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120

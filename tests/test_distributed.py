@@ -102,12 +102,14 @@ def test_predict_batch_matches_predict(two_worker_run, mnist_pngs: Path, tmp_pat
     out = tmp_path / "local.parquet"
     part = predict_dataset(bundle.path, [str(mnist_pngs / c) for c in "012"], out, chunk=300)
     full = predict_dataset(bundle.path, [str(mnist_pngs)], out, chunk=300)
-    assert full.already_done == part.total and full.predicted == 2001 - part.total
+    # The broken file failed in the first run, so the second tries it again (and fails again).
+    assert part.failed == 1 and (full.already_done, full.retried) == (part.total - 1, 1)
+    assert full.predicted == 2001 - full.already_done and full.failed == 1
     rows = read_predictions(out)
     assert len(rows) == 2001 and len({r["path"] for r in rows}) == 2001
     assert {r["path"]: r["label"] for r in rows} == expected
     again = predict_dataset(bundle.path, [str(mnist_pngs)], out)
-    assert (again.predicted, again.already_done) == (0, 2001)
+    assert (again.predicted, again.already_done, again.retried) == (1, 2000, 1)  # only the broken file
 
 
 def test_damaged_part_is_redone(two_worker_run, mnist_pngs: Path, tmp_path: Path) -> None:

@@ -516,3 +516,43 @@ def test_explain_runs_beside_batches_not_on_the_inference_thread(bundle, sign_di
     assert seen["bundle"] is st.explain_bundle
     # ONNX Runtime predicts without the torch network, so Grad-CAM may share it; eager needs a copy.
     assert (st.explain_bundle.model is bundle.model) == (bundle.backend == "onnxruntime")
+
+
+def test_batcher_cuts_a_big_request_so_a_small_one_goes_next():
+    """64 images of one request, then one image of another: the one image is in the next
+    batch (beside at most a quarter batch of the big request); a request alone gets full batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches: list[list[int]] = []
+    gate = threading.Event()
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        gate.wait(10)  # the first batch holds the thread while both requests queue
+        batches.append([int(v) for v in batch.reshape(len(batch), -1)[:, 0]])
+        return batch.reshape(len(batch), -1).astype(np.float32)
+
+    def images(value: int, n: int) -> list[np.ndarray]:
+        return [np.full((1, 1, 1), value, np.uint8) for _ in range(n)]
+
+    async def scenario() -> tuple[list, list]:
+        with ThreadPoolExecutor(1) as pool:
+            b = Batcher(predict, pool, max_batch=32, max_wait_ms=0)
+            warm = asyncio.ensure_future(b.submit(images(7, 1)))  # occupies the inference thread
+            await asyncio.sleep(0.05)
+            big = asyncio.ensure_future(b.submit(images(1, 64)))
+            await asyncio.sleep(0)
+            small = asyncio.ensure_future(b.submit(images(2, 1)))
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.gather(warm, big, small)
+            n_before = len(batches)
+            alone = await b.submit(images(3, 64))
+            await b.close()
+            return batches[n_before:], [float(r[0]) for r in alone]
+
+    alone_batches, alone = asyncio.run(scenario())
+    contended = batches[: -len(alone_batches)]
+    assert contended[0] == [7]
+    assert 2 in contended[1] and contended[1].count(1) <= 8, contended[1]
+    assert sum(c.count(1) for c in contended) == 64 and len(contended[1]) <= 9
+    assert alone_batches == [[3] * 32, [3] * 32] and alone == [3.0] * 64

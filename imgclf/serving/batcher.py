@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ _STOP = object()
 class _Item:
     image: np.ndarray
     future: asyncio.Future
+    request: int  # which submit() call it came from
 
 
 class Batcher:
@@ -37,6 +40,11 @@ class Batcher:
     ``predict`` takes a uint8 NHWC array and returns (N, K) probabilities. The queue is bounded
     (``max_queue`` images); :meth:`submit` raises :class:`QueueFull` instead of waiting, so an
     overloaded server answers 503 quickly rather than building an unbounded backlog.
+
+    Fair to small requests: while images of several requests wait, one request gets at most a
+    quarter of a batch (:attr:`share`), so a 64-image request is cut into small batches and a
+    one-image request queued behind it goes in the next batch instead of after all 64. A request
+    alone still gets full batches.
     """
 
     def __init__(
@@ -60,12 +68,16 @@ class Batcher:
         self.executor = executor
         self._own_executor = executor is None
         self.max_batch = max_batch
+        self.share = max(1, max_batch // 4)  # most images of one request per batch under contention
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
         # Unbounded underneath; the bound is checked in submit() so a multi-image request is
         # admitted whole or not at all (the event loop is single-threaded, so no race).
         self._queue: asyncio.Queue | None = None  # made in start(): it belongs to one event loop
+        # Taken off the queue but not yet batched (over a request's share), oldest first.
+        self._pending: deque[_Item] = deque()
+        self._requests = itertools.count()
         self._task: asyncio.Task | None = None
         self._closing = False
         # Requests that are decoding right now: their images are about to arrive, so waiting up
@@ -74,7 +86,8 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Images waiting for inference."""
+        return (self._queue.qsize() if self._queue is not None else 0) + len(self._pending)
 
     def start(self) -> None:
         """Start the batching task on the running loop (again after :meth:`close` too)."""
@@ -99,10 +112,11 @@ class Batcher:
             raise ShuttingDown()
         self.start()  # no-op when the app's lifespan already started it
         assert self._queue is not None
-        if self._queue.qsize() + len(images) > self.max_queue:
+        if self.depth + len(images) > self.max_queue:
             raise QueueFull()
         loop = asyncio.get_running_loop()
-        items = [_Item(im, loop.create_future()) for im in images]
+        req = next(self._requests)
+        items = [_Item(im, loop.create_future(), req) for im in images]
         for it in items:
             self._queue.put_nowait(it)
         return list(await asyncio.gather(*(it.future for it in items)))
@@ -118,34 +132,72 @@ class Batcher:
             self.executor.shutdown(wait=True)
             self.executor = None
 
-    async def _gather(self, first: _Item) -> tuple[list[_Item], bool]:
-        loop = asyncio.get_running_loop()
-        batch, stop = [first], False
-        deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
+    def _drain(self) -> bool:
+        """Move everything queued now into ``_pending``; True when the stop marker was among it."""
+        stop = False
+        while True:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                timeout = deadline - loop.time()
-                if timeout <= 0 or self.incoming == 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
-                    break
+                return stop
             if item is _STOP:
                 stop = True
+            else:
+                self._pending.append(item)
+
+    async def _gather(self) -> tuple[list[_Item], bool]:
+        """Wait (up to ``max_wait`` while requests are decoding) for a full batch, then pick one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        stop = self._drain()
+        while len(self._pending) < self.max_batch and not stop:
+            timeout = deadline - loop.time()
+            if timeout <= 0 or self.incoming == 0:
                 break
-            batch.append(item)
-        return batch, stop
+            try:
+                item = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                break
+            if item is _STOP:
+                stop = True
+            else:
+                self._pending.append(item)
+                stop = self._drain()
+        return self._pick(), stop
+
+    def _pick(self) -> list[_Item]:
+        """The next batch from ``_pending``: oldest first, at most :attr:`share` images of one
+        request when several requests wait; a request alone fills the batch."""
+        batch: list[_Item] = []
+        over: list[_Item] = []
+        per_request: dict[int, int] = {}
+        while self._pending and len(batch) < self.max_batch:
+            it = self._pending.popleft()
+            if per_request.get(it.request, 0) < self.share:
+                per_request[it.request] = per_request.get(it.request, 0) + 1
+                batch.append(it)
+            else:
+                over.append(it)
+        if len(per_request) == 1:  # no one else is waiting: use the whole batch
+            room = self.max_batch - len(batch)
+            batch += over[:room]
+            over = over[room:]
+        self._pending.extendleft(reversed(over))  # back in front, in their order
+        return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        stopping = False
         while True:
-            first = await self._queue.get()
-            if first is _STOP:
-                return
-            batch, stop = await self._gather(first)
+            if not self._pending:
+                if stopping:
+                    return
+                first = await self._queue.get()
+                if first is _STOP:
+                    return
+                self._pending.append(first)
+            batch, stop = await self._gather()
+            stopping = stopping or stop  # finish everything queued before the stop marker
             # Clients that went away (cancelled futures) cost no inference.
             batch = [it for it in batch if not it.future.done()]
             if batch:
@@ -164,5 +216,3 @@ class Batcher:
                             it.future.set_result(row)
                 if self.on_batch:
                     self.on_batch(len(batch), time.perf_counter() - t0)
-            if stop:
-                return
