@@ -160,13 +160,13 @@ def test_model_failure_is_json_500_and_the_batcher_survives(bundle, sign_dir):
     flaky = load_bundle(bundle.path)
     calls: list[int] = []
 
-    def predict(batch: np.ndarray) -> np.ndarray:
+    def predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         calls.append(len(batch))
         if len(calls) == 2:  # call 1 is the start-up check (which is also the warm-up)
             raise RuntimeError("simulated inference failure")
-        return bundle.predict_batch(batch)
+        return bundle.predict_scored(batch)
 
-    flaky.predict_batch = predict
+    flaky.predict_scored = predict  # the server's one inference entry (probabilities + unknown score)
     f = _files(sign_dir, classes="6")
     with TestClient(create_app(flaky), raise_server_exceptions=False) as c:
         body = _assert_error(c.post("/v1/predict", files=_multipart(f)), 500, "internal error")
@@ -262,14 +262,14 @@ def test_slow_client_does_not_stall_others(bundle, sign_dir):
 
 def test_shutdown_drains_queued_requests(bundle, sign_dir):
     files = _files(sign_dir, per_class=1)
-    real = bundle.predict_batch
+    real = bundle.predict_scored
 
-    def slow_predict(batch: np.ndarray) -> np.ndarray:
+    def slow_predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         time.sleep(0.4)  # long enough that the other requests are still queued at shutdown
         return real(batch)
 
     slow_bundle = load_bundle(bundle.path)
-    slow_bundle.predict_batch = slow_predict
+    slow_bundle.predict_scored = slow_predict
     app = create_app(slow_bundle, max_batch=1, max_wait_ms=0)
     results: list[httpx.Response | BaseException] = []
 
@@ -387,7 +387,10 @@ def test_request_pixel_budget_explain_limit_and_broken_bundle(bundle, sign_dir):
         assert "30,000 pixels" in body["detail"]
         _assert_json_error(c.post("/v1/explain", content=files[0].read_bytes()), 413, "too many pixels")
     broken = load_bundle(bundle.path)
-    broken.predict_batch = lambda batch: np.full((len(batch), len(broken.classes)), np.nan, np.float32)
+    broken.predict_scored = lambda batch: (
+        np.full((len(batch), len(broken.classes)), np.nan, np.float32),
+        None,
+    )
     with pytest.raises(BundleError, match="non-finite"):
         create_app(broken)
 
@@ -438,9 +441,9 @@ def test_serve_in_background_twice_in_one_process(bundle, sign_bundle):
 
 def test_flooding_client_gets_429_while_another_is_served(bundle, sign_dir):
     jpg = _files(sign_dir, classes="4")[0].read_bytes()
-    real = bundle.predict_batch
+    real = bundle.predict_scored
     slow_bundle = load_bundle(bundle.path)
-    slow_bundle.predict_batch = lambda batch: (time.sleep(0.3), real(batch))[1]  # keeps requests in flight
+    slow_bundle.predict_scored = lambda batch: (time.sleep(0.3), real(batch))[1]  # keeps requests in flight
     app = create_app(slow_bundle, max_batch=1, max_wait_ms=0, max_client_requests=2)
 
     async def scenario(url: str) -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
