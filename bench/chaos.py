@@ -305,12 +305,15 @@ def server_soak(soak: float, out: Path, idle_s: float) -> None:
                 k: {str(c): v.count(c) for c in sorted(set(v))} for k, v in got.items()
             },
             "load_average_1min_at_end": load,
+            # Per phase: a plateau is one-time growth (arenas, warm-up), a steady rise a leak.
+            "rss_mb_after": _rss_mb(srv.pid),
         }
         for v in got.values():
             statuses.extend(v)
         hs = phases[name]["hostile_status_counts"]
         print(
-            f"{name}: normal p99 {p99(lat):.0f} ms, {len(lat)} requests; hostile {hs}; load {load:.1f}",
+            f"{name}: normal p99 {p99(lat):.0f} ms, {len(lat)} requests; hostile {hs}; load {load:.1f}; "
+            f"RSS {phases[name]['rss_mb_after']:.0f} MB",
             flush=True,
         )
     time.sleep(3)

@@ -156,6 +156,8 @@ class Bundle:
     ood: Any = None
     ood_threshold: float | None = None
     _batch: int = field(default=64, repr=False)
+    # ONNX Runtime's memory arena (faster repeated batches; keeps its peak). The server turns it off.
+    ort_arena: bool = field(default=True, repr=False)
     backend: str = "torch"
     # True when the backend was chosen automatically: an ORT failure then falls back to eager.
     _auto: bool = field(default=False, repr=False)
@@ -193,7 +195,7 @@ class Bundle:
                         from imgclf.runtime.graph import cached_onnx_bytes
                         from imgclf.runtime.onnxrt import OrtRunner
 
-                        self._runner = OrtRunner(cached_onnx_bytes(self))
+                        self._runner = OrtRunner(cached_onnx_bytes(self), arena=self.ort_arena)
                     except Exception as e:
                         if not self._auto:
                             raise BundleError(

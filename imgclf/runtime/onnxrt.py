@@ -47,8 +47,13 @@ def default_threads() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def session_options(threads: int | None = None, optimized_path: str | Path | None = None) -> Any:
-    """SessionOptions with full graph optimisation (fuses Conv+BN+ReLU) and sequential execution."""
+def session_options(
+    threads: int | None = None, optimized_path: str | Path | None = None, arena: bool = True
+) -> Any:
+    """SessionOptions with full graph optimisation (fuses Conv+BN+ReLU) and sequential execution.
+
+    ``arena`` False: no CPU memory arena, so memory of a large batch goes back after it (servers).
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -57,6 +62,7 @@ def session_options(threads: int | None = None, optimized_path: str | Path | Non
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warns about unused initializers otherwise
+    so.enable_cpu_mem_arena = arena
     if optimized_path is not None:
         # Extended, not ALL: layout (NCHWc) rewrites depend on this CPU's vector width and
         # would make the saved graph non-portable.
@@ -68,12 +74,12 @@ def session_options(threads: int | None = None, optimized_path: str | Path | Non
 class OrtRunner:
     """One ORT session over an imgclf graph: ``runner(uint8 NHWC) -> float32 probs (N, K)``."""
 
-    def __init__(self, model: bytes | str | Path, *, threads: int | None = None) -> None:
+    def __init__(self, model: bytes | str | Path, *, threads: int | None = None, arena: bool = True) -> None:
         import onnxruntime as ort
 
         src = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(
-            src, sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            src, sess_options=session_options(threads, arena=arena), providers=["CPUExecutionProvider"]
         )
         inp = self.session.get_inputs()[0]
         self.input_name: str = inp.name

@@ -257,6 +257,15 @@ def _release_memory() -> None:
         pass
 
 
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """Fewer glibc heaps for this process: decode threads each grow an arena of their own that is
+    never handed back, so after one 200 MP request RSS stayed ~90 MB higher (bench/chaos.py)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _lower_priority() -> None:
     """Thread initializer: run this thread at a higher nice value (Linux sets it per thread)."""
     if sys.platform == "linux":  # elsewhere PRIO_PROCESS with a thread id would renice a process
@@ -711,6 +720,8 @@ def create_app(
     except TypeError as e:
         raise TypeError(f"create_app: {e}; options are the fields of ServeSettings") from None
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, backend=backend)
+    # A server sees every batch size up to max_batch: ONNX Runtime's arena would keep the largest.
+    b.ort_arena = False
     _check_can_predict(b)
     metrics = _Metrics()
     batcher = Batcher(
@@ -868,6 +879,7 @@ def run_server(
 
     settings, server = settings or DEFAULTS, server or SERVER_DEFAULTS
     say = announce or (lambda _msg: None)
+    _limit_malloc_arenas()
     _apply_threads(server, own_process=True)
     options = _uvicorn_options(server)
     if server.workers == 1:

@@ -300,6 +300,8 @@ def logit_metrics(logits: torch.Tensor, labels: np.ndarray, temperature: float =
 MIN_CALIBRATION_IMAGES = 20
 # Training images the unknown-image scorer is fitted on, at most (a seeded sample beyond).
 MAX_OOD_FIT_IMAGES = 20000
+# Unknown-image scores that read the penultimate features (the others read the logits only).
+FEATURE_SCORES = ("mahalanobis", "knn")
 
 
 def write_plot(history: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -962,15 +964,20 @@ class Trainer:
                      t, len(y), before, after)  # fmt: skip
         return calibration_record(t, fit_on="val", n=len(y), ece_before=before, ece_after=after)
 
-    def _fit_unknown(self, model: torch.nn.Module) -> tuple[Any, dict[str, Any] | None]:
+    def _fit_unknown(
+        self, model: torch.nn.Module, outputs: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]]
+    ) -> tuple[Any, dict[str, Any] | None]:
         """The unknown-image scorer, fitted on training features, and its threshold from validation.
 
+        ``outputs``: split name -> (features, logits, labels) of the final model on val and test.
         Returns (scorer, the ``ood`` block of model.json), or (None, None) when off or impossible.
         """
         cfg, data = self.cfg, self.data
         if cfg.ood_score == "none":
             return None, None
-        if data.val is None or len(data.val.labels) < MIN_CALIBRATION_IMAGES:
+        if cfg.ood_score in FEATURE_SCORES and outputs and outputs.get("val", (None,))[0] is None:
+            return None, None  # the features could not be read; said above
+        if "val" not in outputs or len(outputs["val"][2]) < MIN_CALIBRATION_IMAGES:
             log.info(
                 "unknown images: no rejection (needs a validation split of %d+ images)",
                 MIN_CALIBRATION_IMAGES,
@@ -983,19 +990,19 @@ class Trainer:
         if len(pick) > MAX_OOD_FIT_IMAGES:
             pick = np.sort(np.random.default_rng(cfg.seed).choice(pick, MAX_OOD_FIT_IMAGES, replace=False))
         # msp and energy read the logits only: no pass over the training images.
-        needs_feats = cfg.ood_score not in ("msp", "energy")
+        needs_feats = cfg.ood_score in FEATURE_SCORES
         feats = predict_features(model, tr.images[pick], self.pre)[0] if needs_feats else None
         scorer = fit_scorer(cfg.ood_score, feats, torch.from_numpy(tr.labels[pick]), len(self.index.classes))
-        scorer = scorer.to(next(model.parameters()).device)
 
-        def scores(images: np.ndarray) -> np.ndarray:
-            f, z = predict_features(model, images, self.pre)
+        def scores(f: torch.Tensor, z: torch.Tensor) -> np.ndarray:
             with torch.inference_mode():
-                return scorer(f.to(z.device), z).float().cpu().numpy()
+                return scorer(f, z).float().numpy()
 
-        val = scores(data.val.images)
+        val = scores(*outputs["val"][:2])
         neg = self._negative_images()
-        neg_scores = scores(neg) if neg is not None else None
+        neg_scores = (
+            scores(*predict_features(model, neg, self.pre, features=needs_feats)) if neg is not None else None
+        )
         threshold = threshold_for_keep_rate(val, cfg.keep_rate, neg_scores)
         rec: dict[str, Any] = {
             "scorer": scorer.config(),
@@ -1004,8 +1011,8 @@ class Trainer:
             "fit_on": f"train ({len(pick)} images), threshold on val ({len(val)} images)",
             "val_keep_rate": float((val <= threshold).mean()),
         }
-        if data.test is not None and len(data.test.labels):
-            rec["test_keep_rate"] = float((scores(data.test.images) <= threshold).mean())
+        if "test" in outputs:
+            rec["test_keep_rate"] = float((scores(*outputs["test"][:2]) <= threshold).mean())
         if neg_scores is not None:
             rec["negatives"] = {"folder": cfg.negatives, "images": len(neg_scores),
                                 "rejected": float((neg_scores > threshold).mean())}  # fmt: skip
@@ -1062,14 +1069,26 @@ class Trainer:
             "wall_time_s": round(time.time() - self.t_start, 2),
             "stopped_early": bool(failed_reason) or len(history) < cfg.epochs,
         }
-        logits = {
-            name: (predict_logits(final, dec.images, self.pre), dec.labels)
-            for name, dec in (("val", data.val), ("test", data.test))
-            if dec is not None and len(dec.labels)
-        }
+        # One pass over val and test serves the metrics, the calibration and the unknown-image fit.
+        splits = [
+            (n, d) for n, d in (("val", data.val), ("test", data.test)) if d is not None and len(d.labels)
+        ]
+
+        def run(feats: bool) -> dict[str, tuple[Any, torch.Tensor, np.ndarray]]:
+            return {
+                n: (*predict_features(final, d.images, self.pre, features=feats), d.labels) for n, d in splits
+            }
+
+        try:
+            outputs = run(cfg.ood_score in FEATURE_SCORES)
+        except ConfigError as e:
+            # No usable penultimate layer (some timm heads): keep the finished run, skip rejection.
+            log.warning("unknown images: no rejection (%s)", e)
+            outputs = run(False)
+        logits = {name: (z, y) for name, (_, z, y) in outputs.items()}
         calibration = self._calibrate(logits)
         t = calibration["temperature"] if calibration else 1.0
-        scorer, ood = self._fit_unknown(final)
+        scorer, ood = self._fit_unknown(final, outputs)
         for name, (z, y) in logits.items():
             m = logit_metrics(z, y, t)
             metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
