@@ -31,9 +31,9 @@ from imgclf.data import sources as D
 from imgclf.runtime.bundle import Bundle, load_bundle, recorded_splits
 from imgclf.runtime.calibration import (
     ECE_BINS,
-    calibration_record,
+    MIN_IMAGES,
     expected_calibration_error,
-    fit_temperature,
+    fit_calibration,
     log_probs,
     uncalibrate,
 )
@@ -492,18 +492,13 @@ def recalibrate(
         pos = {index.relpath(it) for it in index.items}
         split = "val" if any(r in pos for r in (rec or {}).get("val") or []) else "all"
     res = evaluate(bundle, data, split=split, progress=progress, cache_dir=cache_dir, workers=workers)
-    raw = uncalibrate(res.probs, bundle.temperature)
-    if len(res.labels) < 20:
-        raise D.DataError(f"{res.metrics['data']}: {len(res.labels)} images; calibration needs at least 20")
-    t = fit_temperature(log_probs(raw), res.labels)
-    before = expected_calibration_error(raw, res.labels)
-    after = expected_calibration_error(uncalibrate(raw, 1.0 / t), res.labels)
-    if after > before:
-        t, after = 1.0, before
-    return calibration_record(
-        t, fit_on=f"{res.metrics['data']} ({res.selection.split})", n=len(res.labels),
-        ece_before=before, ece_after=after,
-    )  # fmt: skip
+    if len(res.labels) < MIN_IMAGES:
+        raise D.DataError(
+            f"{res.metrics['data']}: {len(res.labels)} images; calibration needs at least {MIN_IMAGES}"
+        )
+    # The raw softmax's log-probabilities stand in for the logits (softmax is shift-invariant).
+    raw = log_probs(uncalibrate(res.probs, bundle.temperature))
+    return fit_calibration(raw, res.labels, fit_on=f"{res.metrics['data']} ({res.selection.split})")
 
 
 # --------------------------------------------------------------------------- write

@@ -8,6 +8,7 @@ alike), so the argmax and accuracy never change, only how confident the probabil
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 
 from imgclf.core.errors import BundleError
 
+log = logging.getLogger("imgclf")
+
 # Equal-width confidence bins for the expected calibration error and the reliability diagram.
 ECE_BINS = 15
 
@@ -24,6 +27,9 @@ ECE_BINS = 15
 T_MIN, T_MAX = 0.01, 100.0
 
 METHODS = ("temperature", "none")
+
+# Fewer held-out images than this give a temperature that follows noise, not the model.
+MIN_IMAGES = 20
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -75,6 +81,27 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torc
     if not math.isfinite(t) or float(F.cross_entropy(z / t, y)) > base:
         return 1.0
     return t
+
+
+def fit_calibration(logits: np.ndarray | torch.Tensor, labels: np.ndarray, *, fit_on: str) -> dict[str, Any]:
+    """Fit T on held-out ``logits`` (or log-probabilities) and return the ``calibration`` record.
+
+    When the fitted T would raise the ECE on these images (seen on models near chance and on tiny
+    sets: the fit lowers the log-loss, not the calibration error), T=1 is kept and logged.
+    """
+    z = _as_two_columns(torch.as_tensor(logits, dtype=torch.float64))
+    y = np.asarray(labels)
+    t = fit_temperature(z, y)
+    before = expected_calibration_error(torch.softmax(z, 1).numpy(), y)
+    after = expected_calibration_error(torch.softmax(z / t, 1).numpy(), y)
+    if after > before:
+        log.info("calibration: temperature %.3f would raise the ECE on %s (%.4f -> %.4f); kept T=1",
+                 t, fit_on, before, after)  # fmt: skip
+        t, after = 1.0, before
+    else:
+        log.info("calibration: temperature %.3f fitted on %d images of %s (ECE %.4f -> %.4f)",
+                 t, len(y), fit_on, before, after)  # fmt: skip
+    return calibration_record(t, fit_on=fit_on, n=len(y), ece_before=before, ece_after=after)
 
 
 def uncalibrate(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -30,7 +30,8 @@ from imgclf.data import sources as D
 from imgclf.data.augment import Augment
 from imgclf.models.registry import create_model, get_spec, logits_to_probs, num_outputs
 from imgclf.runtime.bundle import save_bundle
-from imgclf.runtime.calibration import calibration_record, expected_calibration_error, fit_temperature
+from imgclf.runtime.calibration import MIN_IMAGES as MIN_CALIBRATION_IMAGES
+from imgclf.runtime.calibration import expected_calibration_error, fit_calibration
 from imgclf.runtime.ood import FeaturesAndLogits, fit_scorer, threshold_for_keep_rate
 from imgclf.training.callbacks import Callback, ModelCheckpoint, default_callbacks
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
@@ -296,8 +297,6 @@ def logit_metrics(logits: torch.Tensor, labels: np.ndarray, temperature: float =
 
 # --------------------------------------------------------------------------- outputs
 
-# Fewer validation images than this give a temperature that follows noise, not the model.
-MIN_CALIBRATION_IMAGES = 20
 # Training images the unknown-image scorer is fitted on, at most (a seeded sample beyond).
 MAX_OOD_FIT_IMAGES = 20000
 # Unknown-image scores that read the penultimate features (the others read the logits only).
@@ -951,18 +950,7 @@ class Trainer:
             log.info("calibration: skipped (needs a validation split of at least %d images)", need)
             return None
         z, y = logits["val"]
-        t = fit_temperature(z, y)
-        before, after = logit_metrics(z, y)["ece"], logit_metrics(z, y, t)["ece"]
-        if after > before:
-            # The fit lowers the log-loss but not the calibration error (seen on models near chance):
-            # keep the raw softmax rather than make the probabilities worse by the measure we report.
-            log.info("calibration: temperature %.3f would raise the validation ECE (%.4f -> %.4f); kept T=1",
-                     t, before, after)  # fmt: skip
-            t, after = 1.0, before
-        else:
-            log.info("calibration: temperature %.3f fitted on %d validation images (ECE %.4f -> %.4f)",
-                     t, len(y), before, after)  # fmt: skip
-        return calibration_record(t, fit_on="val", n=len(y), ece_before=before, ece_after=after)
+        return fit_calibration(z, y, fit_on="val")
 
     def _fit_unknown(
         self, model: torch.nn.Module, outputs: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]]
