@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,9 +105,16 @@ class SourceIndex:
     root: str = ""
     arrays: np.ndarray | None = None  # built-ins: uint8 (N, H, W)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Multi-label sources: (N, L) uint8 multi-hot over ``classes`` (the label names); ``labels``
+    # then holds a stratification key per item (its label set's id), not a class index.
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.targets is not None
 
     @property
     def has_predefined_split(self) -> bool:
@@ -147,8 +155,11 @@ def _list_class_files(
     return files
 
 
-def index_folder(root: str | Path) -> SourceIndex:
-    """List ``root/{class}/*`` or ``root/{train,val,test}/{class}/*``; classes sorted by name."""
+def index_folder(root: str | Path, label_sep: str | None = None) -> SourceIndex:
+    """List ``root/{class}/*`` or ``root/{train,val,test}/{class}/*``; classes sorted by name.
+
+    With ``label_sep`` the folders name label sets (``red_dress`` -> {red, dress}): a multi-label index.
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(f"{root}: no such folder. Give a folder of class folders or one of {BUILTINS}.")
@@ -187,7 +198,7 @@ def index_folder(root: str | Path) -> SourceIndex:
             f"{root}: class folder(s) {', '.join(display_path(c) for c in empty)} hold no files; "
             "add images or remove the folder (a class without images cannot be learnt)"
         )
-    return SourceIndex(
+    index = SourceIndex(
         name=str(root),
         kind="folder",
         classes=classes,
@@ -198,6 +209,159 @@ def index_folder(root: str | Path) -> SourceIndex:
         root=str(root),
         skipped=skipped,
     )
+    return index if label_sep is None else _folders_as_label_sets(index, label_sep)
+
+
+def _folders_as_label_sets(index: SourceIndex, sep: str) -> SourceIndex:
+    """Split each class folder name on ``sep`` into a label set (multi-label)."""
+    if not sep:
+        raise DataError("--label-sep: give a non-empty separator, e.g. --label-sep _")
+    if not any(sep in c for c in index.classes):
+        raise DataError(
+            f"{index.root}: no class folder name contains {sep!r}, so every image would get one label; "
+            f"name folders like red{sep}dress, give a labels file (path,labels), or drop --multi-label"
+        )
+    sets = [[p for p in c.split(sep) if p] for c in index.classes]
+    names = sorted({p for ps in sets for p in ps})
+    col = {n: i for i, n in enumerate(names)}
+    per_folder = np.zeros((len(index.classes), len(names)), dtype=np.uint8)
+    for f, ps in enumerate(sets):
+        per_folder[f, [col[p] for p in ps]] = 1
+    targets = per_folder[index.labels]
+    return _as_multi_label(index, names, targets)
+
+
+def _as_multi_label(index: SourceIndex, names: list[str], targets: np.ndarray) -> SourceIndex:
+    if len(names) < 2:
+        raise DataError(f"{index.name}: found {len(names)} label(s); multi-label needs at least two")
+    # The stratification key: the label set's id, so splits and subsets keep every combination.
+    _, key = np.unique(targets, axis=0, return_inverse=True)
+    index.classes, index.targets, index.labels = names, targets, key.reshape(-1).astype(np.int64)
+    return index
+
+
+# --------------------------------------------------------------------------- manifests
+
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+LABEL_LIST_SEP = "|"
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a CSV (header row), JSON-lines or Parquet manifest."""
+    import csv
+    import json
+
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises its own error types for damaged files
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        return [(i + 1, r) for i, r in enumerate(rows)]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the manifest ({e}); save it as UTF-8 text") from None
+    if suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f'{path} line {n}: expected an object like {{"path": ..., "labels": [...]}}')
+            out.append((n, row))
+        return out
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
+        raise DataError(
+            f"{path} line 1: the header must name a 'path' column and a 'label' or 'labels' column "
+            "(optional 'split'), e.g. path,labels"
+        )
+    return [
+        (n, {(k or "").strip(): v for k, v in r.items()}) for n, r in enumerate(reader, 2) if any(r.values())
+    ]
+
+
+def _row_labels(row: dict[str, Any], where: str) -> list[str]:
+    raw = row.get("labels", row.get("label"))
+    if raw is None:
+        raise DataError(f"{where}: no 'label' or 'labels' value")
+    if isinstance(raw, list):
+        parts = [str(x).strip() for x in raw]
+    elif isinstance(raw, str | int):
+        parts = [p.strip() for p in str(raw).split(LABEL_LIST_SEP)]
+    else:
+        raise DataError(f"{where}: labels={raw!r}; give text like 'red|dress' or a list")
+    return [p for p in parts if p]
+
+
+def index_manifest(path: str | Path, multi_label: bool = False) -> SourceIndex:
+    """A CSV / JSON-lines / Parquet manifest of ``path,label`` (or ``path,labels`` with ``|`` between
+    labels) plus an optional ``split`` column; paths are relative to the manifest's folder.
+
+    Missing files are skipped and reported; an image with no label is allowed only with ``multi_label``.
+    """
+    path = Path(path)
+    root = path.parent
+    rows = _manifest_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the manifest lists no images")
+    items: list[str] = []
+    sets: list[list[str]] = []
+    split: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for n, row in rows:
+        where = f"{path} line {n}"
+        p = row.get("path")
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"{where}: empty or missing 'path'")
+        labels = _row_labels(row, where)
+        if not multi_label and len(labels) != 1:
+            what = "no label" if not labels else f"{len(labels)} labels ({'|'.join(labels)})"
+            raise DataError(f"{where}: {what}; single-label needs exactly one (or add --multi-label)")
+        s = str(row.get("split") or "").strip().lower()
+        canon = next((k for k, names in SPLIT_DIR_NAMES.items() if s in names), None) if s else ""
+        if canon is None:
+            raise DataError(f"{where}: split={s!r}; use train, val or test (or leave it empty)")
+        f = Path(p.strip())
+        f = f if f.is_absolute() else root / f
+        if not f.is_file():
+            skipped.append((str(f), f"listed in {path.name} line {n} but not found"))
+            continue
+        items.append(str(f))
+        sets.append(labels)
+        split.append(canon)
+    if not items:
+        raise DataError(f"{path}: none of the {len(rows)} listed files exists (paths are relative to {root})")
+    names = sorted({x for ls in sets for x in ls})
+    col = {c: i for i, c in enumerate(names)}
+    index = SourceIndex(
+        name=str(path),
+        kind="folder",
+        classes=names,
+        items=items,
+        labels=np.asarray([col[ls[0]] if ls else -1 for ls in sets], dtype=np.int64),
+        split=np.asarray(split, dtype=object),
+        native_channels=3,
+        root=str(root),
+        skipped=skipped,
+    )
+    if not multi_label:
+        if len(names) < 2:
+            raise DataError(f"{path}: found one class ({names[0]}); a classifier needs at least two")
+        return index
+    targets = np.zeros((len(items), len(names)), dtype=np.uint8)
+    for i, ls in enumerate(sets):
+        targets[i, [col[x] for x in ls]] = 1
+    return _as_multi_label(index, names, targets)
 
 
 # --------------------------------------------------------------------------- IDX
@@ -313,13 +477,28 @@ def index_digits() -> SourceIndex:
     )
 
 
-def index_source(spec: str, cache_dir: str | None = None) -> SourceIndex:
-    """Resolve a ``--data`` value: a built-in name, an IDX folder, or an image folder."""
+def index_source(
+    spec: str, cache_dir: str | None = None, *, multi_label: bool = False, label_sep: str | None = None
+) -> SourceIndex:
+    """Resolve a ``--data`` value: a built-in name, an IDX folder, an image folder or a manifest.
+
+    ``multi_label``: label sets from folder names split on ``label_sep``, or from a manifest's
+    ``labels`` column.
+    """
+    p = Path(spec)
+    if p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file():
+        return index_manifest(p, multi_label)
+    if multi_label:
+        if spec in BUILTINS or (p.is_dir() and _has_idx(p)):
+            raise DataError(f"--data {spec}: a single-label dataset; --multi-label needs label-set folders "
+                            "(red_dress/) or a labels file (path,labels)")  # fmt: skip
+        if not p.is_dir():
+            raise DataError(f"--data {spec!r}: no such folder or labels file (.csv, .jsonl, .parquet)")
+        return index_folder(p, label_sep or "_")
     if spec == "digits":
         return index_digits()
     if spec in IDX_MD5:
         return index_idx(spec, cache_dir)
-    p = Path(spec)
     if p.is_dir() and _has_idx(p):
         return index_idx(spec, cache_dir)
     if not p.exists():
@@ -345,6 +524,7 @@ class Decoded:
     labels: np.ndarray  # (N,) int64
     items: list[str]  # item ids / paths, aligned with images
     failed: list[tuple[str, str]] = field(default_factory=list)  # (item, reason)
+    targets: np.ndarray | None = None  # multi-label: (N, L) uint8 multi-hot
 
 
 class DecodeCache:
@@ -402,7 +582,8 @@ def decode_items(
         else:
             for j, i in enumerate(tqdm(idx, desc=desc, disable=not progress, leave=False)):
                 out[j] = load_uint8(Image.fromarray(src[i]), pre)
-        return Decoded(out, index.labels[idx], [index.items[i] for i in idx])
+        items = [index.items[i] for i in idx]
+        return Decoded(out, index.labels[idx], items, targets=_rows(index.targets, idx))
 
     cache = DecodeCache(cache_root(cache_dir), pre) if use_cache else None
     mp = max_pixels if max_pixels is not None else 100_000_000
@@ -443,7 +624,12 @@ def decode_items(
         index.labels[idx[keep]],
         [index.items[idx[k]] for k in keep],
         failed,
+        _rows(index.targets, idx[keep]),
     )
+
+
+def _rows(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]
 
 
 # --------------------------------------------------------------------------- splits
@@ -454,12 +640,16 @@ def split_indices(
     fractions: dict[str, float],
     seed: int = 42,
     groups: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Stratified, seeded split of ``range(len(labels))`` into ``train`` plus ``fractions`` keys.
 
     With ``groups`` (one id per item; equal ids = near-duplicates), every group lands
-    wholly in one split; a group is stratified by its first member's label.
+    wholly in one split; a group is stratified by its first member's label. With ``targets``
+    (multi-label, (N, L) multi-hot) the split is iterative stratification over the labels.
     """
+    if targets is not None:
+        return _split_multi_label(np.asarray(targets), fractions, seed, groups)
     labels = np.asarray(labels)
     n = len(labels)
     rng = np.random.default_rng(seed)
@@ -491,6 +681,39 @@ def split_indices(
         for g in cgroups[pos:]:
             out["train"].extend(members[g])
     return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+
+
+def _split_multi_label(
+    targets: np.ndarray, fractions: dict[str, float], seed: int, groups: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """Iterative stratification (Sechidis et al. 2011, via ``iterative-stratification``) over groups:
+    a group carries the union of its members' labels and lands wholly in one split. Fractions
+    count groups, not images (near-duplicate groups are small)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    n = len(targets)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    g_targets = np.zeros((len(uniq), targets.shape[1]), dtype=np.int64)
+    np.maximum.at(g_targets, inverse, targets.astype(np.int64))
+    left = np.arange(len(uniq))
+    left_frac = 1.0
+    chosen: dict[str, np.ndarray] = {}
+    for i, (name, frac) in enumerate(fractions.items()):
+        want = frac / left_frac if left_frac > 0 else 0.0
+        if frac <= 0 or len(left) < 2 or want >= 1:
+            chosen[name] = np.zeros(0, dtype=np.int64)
+            continue
+        k = max(1, int(round(want * len(left))))
+        if k >= len(left):
+            k = len(left) - 1
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=k, random_state=seed + i)
+        rest, take = next(splitter.split(np.zeros(len(left)), g_targets[left]))
+        chosen[name], left = left[take], left[rest]
+        left_frac -= frac
+    chosen = {"train": left, **chosen}
+    return {k: np.sort(np.flatnonzero(np.isin(inverse, v))).astype(np.int64) for k, v in chosen.items()}
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 42) -> np.ndarray:

@@ -123,9 +123,9 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(msg)
 
 
-def num_outputs(num_classes: int, spec: ModelSpec) -> int:
-    """Final-layer width: 1 for a binary-head spec and 2 classes, else num_classes."""
-    if spec.binary_head_for_two_classes and num_classes == 2:
+def num_outputs(num_classes: int, spec: ModelSpec, multi_label: bool = False) -> int:
+    """Final-layer width: 1 for a binary-head spec and 2 classes (single-label), else num_classes."""
+    if spec.binary_head_for_two_classes and num_classes == 2 and not multi_label:
         return 1
     return num_classes
 
@@ -135,10 +135,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, multi_label: bool = False) -> Tensor:
     """Convert ``(N, K)`` logits to ``(N, max(K, 2))`` class probabilities.
 
     ``temperature`` divides the logits first (temperature scaling; 1.0 leaves them as they are).
+    ``multi_label``: an independent sigmoid per label, ``(N, K)``.
 
     A single-logit head ``(N, 1)`` is a sigmoid over the positive class and is
     expanded to ``[1 - p, p]``; ``K > 1`` uses softmax. Only the static shape is
@@ -148,6 +149,8 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
         raise ValueError(f"expected logits of shape (N, K), got {tuple(logits.shape)}")
     if temperature != 1.0:
         logits = logits / temperature
+    if multi_label:
+        return torch.sigmoid(logits)
     if logits.shape[1] == 1:
         # sigmoid(-x) rather than 1 - sigmoid(x): no cancellation for confident
         # positives, so tiny negative-class probabilities survive.
@@ -173,9 +176,12 @@ def create_model(
     num_classes: int,
     in_channels: int | None = None,
     img_size: int | tuple[int, int] | None = None,
+    multi_label: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a registered model.
+
+    ``multi_label`` keeps one output per label (no single-logit head for two labels).
 
     ``in_channels`` and ``img_size`` default to the spec's values; ``img_size`` is
     a square side or ``(h, w)`` and each side must be ``>= spec.min_size``.
@@ -200,7 +206,7 @@ def create_model(
     # recorded: a rebuilt model must not depend on defaults that may change.
     sig = inspect.signature(spec.factory)
     try:
-        bound = sig.bind(num_outputs(num_classes, spec), in_channels, (h, w), **kwargs)
+        bound = sig.bind(num_outputs(num_classes, spec, multi_label), in_channels, (h, w), **kwargs)
     except TypeError as exc:
         extra = [p for p in sig.parameters if p not in _CORE_ARGS]
         raise TypeError(f"{spec.name}: {exc}; accepted extra kwargs: {', '.join(extra) or 'none'}") from None
@@ -211,6 +217,8 @@ def create_model(
         "in_channels": in_channels,
         "img_size": [h, w],
     }
+    if multi_label:  # recorded only when set, so single-label records stay as they were
+        arch_args["multi_label"] = True
     arch_args.update(extras)
     try:
         json.dumps(arch_args)

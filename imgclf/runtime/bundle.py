@@ -28,6 +28,7 @@ from imgclf.core.files import atomic_write_bytes
 from imgclf.core.imageio import ImageSource
 from imgclf.core.preprocess import Preprocess, array_to_uint8, load_uint8, normalize
 from imgclf.runtime.calibration import check_calibration
+from imgclf.runtime.multilabel import check_thresholds
 
 log = logging.getLogger("imgclf")
 
@@ -120,6 +121,7 @@ def update_meta(bundle: Bundle, **changes: Any) -> None:
     meta = {**bundle.meta, **changes}
     check_meta(meta, str(bundle.path / META))
     bundle.temperature = check_calibration(meta, str(bundle.path / META))
+    bundle.thresholds = check_thresholds(meta, str(bundle.path / META))
     atomic_write_bytes(bundle.path / META, (json.dumps(meta, indent=2) + "\n").encode())
     bundle.meta = meta
     bundle._runner = None  # the ORT graph holds the old values
@@ -155,6 +157,8 @@ class Bundle:
     # An exported .onnx bundle has the threshold but no scorer object: the graph computes the score.
     ood: Any = None
     ood_threshold: float | None = None
+    # Multi-label bundles: one decision threshold per label (model.json 'thresholds'); None otherwise.
+    thresholds: np.ndarray | None = None
     _batch: int = field(default=64, repr=False)
     # ONNX Runtime's memory arena (faster repeated batches; keeps its peak). The server turns it off.
     ort_arena: bool = field(default=True, repr=False)
@@ -167,6 +171,11 @@ class Bundle:
     @property
     def sha256(self) -> str:
         return self.meta["weights_sha256"]
+
+    @property
+    def multi_label(self) -> bool:
+        """One sigmoid probability per label, thresholded per label (``model.json`` task multi-label)."""
+        return self.thresholds is not None
 
     def prepare(self, src: ImageSource | np.ndarray, **kw: Any) -> np.ndarray:
         """Any image source -> uint8 (H, W, C) at the model's size, by the recorded recipe."""
@@ -249,7 +258,7 @@ class Bundle:
                 scores.append(self.ood(feats, logits).float().numpy())
             else:
                 logits = self.model(x)
-            probs.append(logits_to_probs(logits, self.temperature).float().numpy())
+            probs.append(logits_to_probs(logits, self.temperature, self.multi_label).float().numpy())
         return np.concatenate(probs), (np.concatenate(scores) if scored else None)
 
     def unknown_fields(self, score: float | None) -> dict[str, Any]:
@@ -260,7 +269,15 @@ class Bundle:
 
     def top_k(self, probs: np.ndarray, k: int = 5, scores: np.ndarray | None = None) -> list[dict[str, Any]]:
         """One result dict per row: label (always the best class), probability, the top-k list, and
-        ``unknown`` / ``ood_score`` (see :meth:`unknown_fields`)."""
+        ``unknown`` / ``ood_score`` (see :meth:`unknown_fields`).
+
+        Multi-label bundles give ``labels`` (the predicted set, most probable first) and
+        ``probabilities`` (every label's) instead.
+        """
+        if self.thresholds is not None:
+            from imgclf.runtime.multilabel import label_fields
+
+            return [label_fields(row, self.thresholds, self.classes) for row in probs]
         k = max(1, min(k, len(self.classes)))
         res = []
         for j, row in enumerate(probs):
@@ -328,7 +345,9 @@ def _load_onnx(p: Path, backend: str | None) -> Bundle:
     threshold = check_ood_threshold(meta, str(p))
     if threshold is not None and runner.score_name is None:
         raise BundleError(f"{p}: metadata names an unknown-image threshold but the graph has no score output")
-    b = Bundle(p, None, pre, list(meta["classes"]), meta, t, None, threshold, backend="onnxruntime")
+    thresholds = check_thresholds(meta, str(p))
+    classes = list(meta["classes"])
+    b = Bundle(p, None, pre, classes, meta, t, None, threshold, thresholds, backend="onnxruntime")
     b._runner = runner
     return b
 
@@ -404,6 +423,11 @@ def check_meta(meta: dict[str, Any], where: str) -> tuple[Preprocess, list[str],
         got = args.get(key, want)
         if (list(got) if isinstance(got, list | tuple) else got) != want:
             raise BundleError(f"{where}: architecture.args.{key}={got!r} contradicts preprocess ({want!r})")
+    if bool(args.get("multi_label", False)) != (meta.get("task") == "multi-label"):
+        raise BundleError(
+            f"{where}: task={meta.get('task', 'single-label')!r} contradicts architecture.args.multi_label="
+            f"{args.get('multi_label', False)!r}; the bundle was edited or mixed up"
+        )
     if not isinstance(meta.get("weights_sha256"), str):
         raise BundleError(f"{where}: 'weights_sha256' is missing; re-export the bundle")
     return pre, classes, arch
@@ -473,6 +497,7 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
         )
     pre, classes, arch = check_meta(meta, str(meta_p))
     temperature = check_calibration(meta, str(meta_p))
+    thresholds = check_thresholds(meta, str(meta_p))
     if not w_p.exists():
         raise BundleError(f"{w_p}: missing weights file")
     blob = w_p.read_bytes()
@@ -510,7 +535,9 @@ def load_bundle(path: str | Path, backend: str | None = None) -> Bundle:
     except RuntimeError as e:
         raise BundleError(f"{w_p}: weights do not fit architecture {arch['name']}: {e}") from e
     model.eval().to(memory_format=torch.channels_last)
-    return Bundle(d, model, pre, classes, meta, temperature, scorer, threshold, backend=chosen, _auto=auto)
+    return Bundle(
+        d, model, pre, classes, meta, temperature, scorer, threshold, thresholds, backend=chosen, _auto=auto
+    )
 
 
 def recorded_splits(bundle: Bundle) -> tuple[dict[str, list[str]] | None, Path | None]:

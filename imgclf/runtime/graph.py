@@ -51,14 +51,17 @@ SCORE_NAME = "ood_score"
 class InferenceWrapper(nn.Module):
     """uint8 NHWC image batch -> class probabilities, preprocessing and calibration included."""
 
-    def __init__(self, model: nn.Module, pre: Preprocess, temperature: float = 1.0) -> None:
+    def __init__(
+        self, model: nn.Module, pre: Preprocess, temperature: float = 1.0, multi_label: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.pre = pre
         self.temperature = temperature
+        self.multi_label = multi_label  # sigmoid per label instead of softmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return logits_to_probs(self.model(normalize(x, self.pre)), self.temperature)
+        return logits_to_probs(self.model(normalize(x, self.pre)), self.temperature, self.multi_label)
 
 
 class ScoredInferenceWrapper(InferenceWrapper):
@@ -94,7 +97,7 @@ def inference_wrapper(bundle: Bundle, cls: type[InferenceWrapper] = InferenceWra
     model = copy.deepcopy(bundle.model).to(memory_format=torch.contiguous_format)
     if cls is ScoredInferenceWrapper:
         return ScoredInferenceWrapper(model, bundle.pre, bundle.temperature, copy.deepcopy(bundle.ood)).eval()
-    return cls(model, bundle.pre, bundle.temperature).eval()
+    return cls(model, bundle.pre, bundle.temperature, bundle.multi_label).eval()
 
 
 def example_input(pre: Preprocess, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -130,7 +133,9 @@ def bundle_metadata(bundle: Bundle, input_desc: dict[str, Any] | None = None) ->
                 "channels": bundle.pre.channels,
             }
         ),
-        META_PREFIX + "output": json.dumps({"name": OUTPUT_NAME, "kind": "probabilities"}),
+        META_PREFIX + "output": json.dumps(
+            {"name": OUTPUT_NAME, "kind": "sigmoid probabilities" if bundle.multi_label else "probabilities"}
+        ),
         META_PREFIX + "preprocess": json.dumps(bundle.pre.to_dict()),
         META_PREFIX + "architecture": json.dumps(bundle.meta.get("architecture", {})),
         META_PREFIX + "bundle_sha256": bundle.sha256,
@@ -174,6 +179,12 @@ def onnx_model_bytes(bundle: Bundle, opset: int = OPSET) -> bytes:
         f"{bundle.pre.color_mode}), already resized. Output '{OUTPUT_NAME}': float32 [batch, "
         f"{len(bundle.classes)}]. Class names are in metadata 'imgclf.classes'."
         + (
+            " Multi-label: one sigmoid probability per label; a label is predicted when it reaches its "
+            "threshold in metadata 'imgclf.thresholds'."
+            if bundle.multi_label
+            else ""
+        )
+        + (
             f" Output '{SCORE_NAME}': float32 [batch], the unknown-image score; an image is unknown "
             "when it exceeds metadata 'imgclf.ood' threshold."
             if scored
@@ -193,7 +204,8 @@ def onnx_cache_file(bundle: Bundle) -> Path:
 
     key = json.dumps(
         [bundle.sha256, bundle.pre.to_dict(), bundle.classes, bundle.meta.get("architecture"),
-         bundle.temperature, bundle.meta.get("ood"), torch.__version__, __version__, EXPORT_VERSION, OPSET],
+         bundle.temperature, bundle.meta.get("ood"), bundle.meta.get("task"), torch.__version__,
+         __version__, EXPORT_VERSION, OPSET],
         sort_keys=True,
     )  # fmt: skip
     return (

@@ -114,7 +114,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 # Bundle records copied into an export's metadata when the bundle has them (JSON text).
-OPTIONAL_JSON = ("calibration", "ood")
+OPTIONAL_JSON = ("calibration", "ood", "task", "thresholds")
 
 
 def parse_imgclf_metadata(props: dict[str, str], source: str) -> dict[str, Any]:

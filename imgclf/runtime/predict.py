@@ -25,9 +25,20 @@ class PredictResult:
     error: str | None = None
     # unknown / ood_score (and a note when the bundle has no rejection): Bundle.unknown_fields.
     unknown: dict[str, Any] = field(default_factory=dict)
+    # Multi-label bundles: the predicted label set (most probable first) and every label's probability;
+    # ``label`` is then the set joined with ", " for display.
+    labels: list[str] | None = None
+    probabilities: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"path": self.path, "label": self.label, "probability": self.probability, "top_k": self.top_k}
+        if self.labels is not None:
+            d: dict[str, Any] = {
+                "path": self.path,
+                "labels": self.labels,
+                "probabilities": self.probabilities,
+            }
+        else:
+            d = {"path": self.path, "label": self.label, "probability": self.probability, "top_k": self.top_k}
         d.update(self.unknown)
         if self.error:
             d["error"] = self.error
@@ -99,6 +110,12 @@ def predict_files(
             if tta:  # the unknown score stays that of the image as given
                 probs = predict_tta(bundle, batch, tta)
             for f, r in zip(ok_paths, bundle.top_k(probs, top_k, scores)):
+                if bundle.multi_label:
+                    label = ", ".join(r["labels"])
+                    results[f] = PredictResult(
+                        f, label, None, [], labels=r["labels"], probabilities=r["probabilities"]
+                    )
+                    continue
                 unknown = {k: r[k] for k in r if k not in ("label", "probability", "top_k")}
                 results[f] = PredictResult(f, r["label"], r["probability"], r["top_k"], unknown=unknown)
         for f in chunk:
@@ -109,8 +126,21 @@ def predict_files(
 
 
 def write_csv(results: Sequence[PredictResult], path: str | Path, classes: Sequence[str], k: int) -> None:
-    """One row per file: path, label, probability, verdict from the file name, top-k, error."""
+    """One row per file: path, label, probability, verdict from the file name, top-k, error.
+
+    Multi-label results: path, labels (joined with ``|``), one probability column per label, error.
+    """
     import csv
+
+    if results and any(r.labels is not None for r in results):
+        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "labels", *(f"p_{c}" for c in classes), "error"])
+            for res in results:
+                probs = res.probabilities or {}
+                cells = [f"{probs[c]:.6f}" if c in probs else "" for c in classes]
+                w.writerow([res.path, "|".join(res.labels or []), *cells, res.error or ""])
+        return
 
     k = max(1, min(k, len(classes)))
     header = ["path", "label", "probability", "filename_verdict"]

@@ -123,9 +123,26 @@ class TrainConfig:
     data: str = option(
         default="digits",
         help=(
-            "image folder (<dir>/<class>/<img>, or <dir>/train|val|test/<class>/<img>), a folder of IDX"
+            "image folder (<dir>/<class>/<img>, or <dir>/train|val|test/<class>/<img>), a manifest"
+            " (.csv/.jsonl/.parquet with path,label[,split]; paths relative to it), a folder of IDX"
             " files, or a built-in: mnist, fashion-mnist, digits"
         ),
+    )
+    multi_label: bool = option(
+        default=False,
+        help=(
+            "several labels per image: sigmoid outputs with binary cross-entropy and a per-label "
+            "threshold chosen on validation (best F1); labels from folder names split on --label-sep "
+            "or from a manifest's labels column ('red|dress'; empty = no label)"
+        ),
+    )
+    label_sep: str = option(
+        default="_", help="--multi-label with class folders: the separator in folder names (red_dress)"
+    )
+    pos_weight: str = option(
+        default="none",
+        help="--multi-label: auto weights each label's positives by negatives/positives (rare labels)",
+        choices=("none", "auto"),
     )
     model: str | None = option(
         default=None,
@@ -373,6 +390,8 @@ class TrainConfig:
                 f"val_split {self.val_split} + test_split {self.test_split} holds out {held_out:.0%} of the "
                 f"images, leaving {1 - held_out:.0%} to train on; keep the sum at or below {MAX_HELD_OUT}"
             )
+        if not self.label_sep:
+            raise ConfigError("label_sep: give a non-empty separator, e.g. _")
         for key in ("mean", "std"):
             vals = getattr(self, key)
             if vals is not None and self.channels is not None and len(vals) != self.channels:

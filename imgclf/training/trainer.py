@@ -274,6 +274,18 @@ def predict_features(
     return (torch.cat(feats) if feats else None), z_all
 
 
+def correct(pred: torch.Tensor, y: torch.Tensor) -> int:
+    """Right answers in a batch: equal labels, or (multi-label) exactly the true label set."""
+    if pred.dim() == 2:
+        return int((pred == y.bool()).all(dim=1).sum())
+    return int((pred == y).sum())
+
+
+def _truth(d: D.Decoded) -> np.ndarray:
+    """What predictions are judged against: (N,) class indices, or (N, L) multi-hot targets."""
+    return d.targets if d.targets is not None else d.labels
+
+
 def evaluate_arrays(
     model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, pre: Preprocess, batch: int = 256
 ) -> dict[str, float]:
@@ -285,7 +297,16 @@ def evaluate_arrays(
 
 
 def logit_metrics(logits: torch.Tensor, labels: np.ndarray, temperature: float = 1.0) -> dict[str, float]:
-    """Loss, accuracy and ECE of logits against integer labels."""
+    """Loss, accuracy and ECE of logits against integer labels.
+
+    Multi-label ``labels`` ((N, L) multi-hot): binary cross-entropy and exact-match accuracy at 0.5.
+    """
+    if np.ndim(labels) == 2:
+        y = torch.from_numpy(np.asarray(labels, dtype=np.float32))
+        return {
+            "loss": float(F.binary_cross_entropy_with_logits(logits, y)),
+            "accuracy": float(correct(logits > 0, y)) / max(len(y), 1),
+        }
     probs = logits_to_probs(logits, temperature).clamp_min(1e-12)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     return {
@@ -443,13 +464,13 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
         if "val" not in parts and cfg.val_split > 0:
             tr = parts["train"]
             g = groups[np.searchsorted(usable, tr)] if groups is not None else None
-            sub = D.split_indices(index.labels[tr], {"val": cfg.val_split}, cfg.seed, g)
+            sub = D.split_indices(index.labels[tr], {"val": cfg.val_split}, cfg.seed, g, _rows(index, tr))
             parts["train"], parts["val"] = tr[sub["train"]], tr[sub["val"]]
     else:
         fr = {"val": cfg.val_split}
         if cfg.test_split:
             fr["test"] = cfg.test_split
-        sub = D.split_indices(index.labels[usable], fr, cfg.seed, groups)
+        sub = D.split_indices(index.labels[usable], fr, cfg.seed, groups, _rows(index, usable))
         parts = {k: usable[v] for k, v in sub.items()}
     if cfg.subset:
         tr = parts["train"]
@@ -474,6 +495,10 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
         failed.extend(dec.failed)
     splits = {name: [index.relpath(i) for i in decoded[name].items] for name in parts}
     return PreparedData(decoded["train"], decoded.get("val"), decoded.get("test"), splits, failed, report)
+
+
+def _rows(index: D.SourceIndex, idx: np.ndarray) -> np.ndarray | None:
+    return index.targets[idx] if index.targets is not None else None
 
 
 @dataclass
@@ -637,7 +662,10 @@ class Trainer:
             raise ConfigError(
                 f"negatives={cfg.negatives}: no such folder; give a folder of 'none of these' images"
             )
-        self.index = D.index_source(cfg.data, cfg.cache_dir)
+        self.index = D.index_source(
+            cfg.data, cfg.cache_dir, multi_label=cfg.multi_label, label_sep=cfg.label_sep
+        )
+        self.multi = self.index.multi_label
         cfg = self.cfg = resolve_defaults(cfg, self.index)
         size = int(cfg.img_size)
         self.pre = Preprocess(
@@ -668,9 +696,12 @@ class Trainer:
         self.model = model.to(device=self.device, memory_format=torch.channels_last)
         if self.device.type != "cpu":
             log.info("training on %s", self.device)
-        self.binary = num_outputs(len(self.index.classes), get_spec(cfg.model)) == 1
+        self.binary = num_outputs(len(self.index.classes), get_spec(cfg.model), self.multi) == 1
         self.class_weights = None
-        if cfg.class_weights == "auto":
+        self.pos_weight = None
+        if self.multi:
+            self._multi_label_weights()
+        elif cfg.class_weights == "auto":
             k = len(self.index.classes)
             counts = np.bincount(self.data.train.labels, minlength=k).astype(np.float64)
             w = counts.sum() / (k * np.maximum(counts, 1))
@@ -687,7 +718,8 @@ class Trainer:
         self.steps_per_epoch = n // self.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.x_all = torch.from_numpy(self.data.train.images)
-        self.y_all = torch.from_numpy(self.data.train.labels)
+        y = self.data.train.targets if self.multi else self.data.train.labels
+        self.y_all = torch.from_numpy(y).float() if self.multi else torch.from_numpy(y)
         self._decide_auto()  # recipe auto: flip and learning rate, then the config is final
         cfg = self.cfg
         if self.dist.is_main:
@@ -724,6 +756,7 @@ class Trainer:
                 num_classes=len(self.index.classes),
                 in_channels=self.pre.channels,
                 img_size=int(cfg.img_size),
+                **({"multi_label": True} if self.multi else {}),
                 **cfg.model_args,
             )
         except (TypeError, ValueError) as e:
@@ -789,12 +822,33 @@ class Trainer:
             out = model(x)
         out = out.float()
         w = self.class_weights
+        if self.multi:
+            loss = F.binary_cross_entropy_with_logits(out, yb, pos_weight=self.pos_weight)
+            return loss, out > 0
         if self.binary:
             loss = F.binary_cross_entropy_with_logits(
                 out[:, 0], yb.float(), weight=None if w is None else w[yb]
             )
             return loss, (out[:, 0] > 0).long()
         return F.cross_entropy(out, yb, weight=w, label_smoothing=self.cfg.label_smoothing), out.argmax(1)
+
+    def _multi_label_weights(self) -> None:
+        """Multi-label: per-label counts in the log; ``pos_weight auto`` = negatives / positives."""
+        y = self.data.train.targets
+        pos = y.sum(axis=0).astype(np.float64)
+        rare = [c for c, n in zip(self.index.classes, pos) if n < 5]
+        log.info(
+            "multi-label: %d labels, %.2f labels per training image; %d image(s) with no label",
+            y.shape[1], float(y.sum(axis=1).mean()), int((y.sum(axis=1) == 0).sum()),
+        )  # fmt: skip
+        if rare:
+            log.warning("multi-label: label(s) with fewer than 5 training images: %s", ", ".join(rare[:10]))
+        if self.cfg.class_weights == "auto":
+            log.info("multi-label: class_weights ignored; use pos_weight auto for rare labels")
+        if self.cfg.pos_weight == "auto":
+            # Capped so a label seen a handful of times does not dominate the loss.
+            w = np.clip((len(y) - pos) / np.maximum(pos, 1), 1.0, 100.0)
+            self.pos_weight = torch.tensor(w, dtype=torch.float32, device=self.device)
 
     def _write_data_records(self) -> None:
         ds = self.data
@@ -877,7 +931,7 @@ class Trainer:
                 if loss is None:
                     break
                 run_loss += loss * len(yb)
-                run_correct += int((pred == yb).sum())
+                run_correct += int(correct(pred, yb))
                 seen += len(yb)
                 if self.progress and (b % 10 == 0 or b == self.steps_per_epoch - 1):
                     bar.set_postfix(loss=f"{run_loss / seen:.4f}", acc=f"{run_correct / seen:.4f}")
@@ -921,7 +975,8 @@ class Trainer:
         """Validation loss and accuracy of :attr:`eval_model` (NaN without a validation split)."""
         vm = None
         if self.has_val and self.dist.is_main:
-            vm = evaluate_arrays(self.eval_model, self.data.val.images, self.data.val.labels, self.pre)
+            val = self.data.val
+            vm = evaluate_arrays(self.eval_model, val.images, _truth(val), self.pre)
         vm = self.dist.broadcast(vm)
         return {
             "val_loss": vm["loss"] if vm else float("nan"),
@@ -1035,6 +1090,57 @@ class Trainer:
             return None
         return np.stack(arrays)
 
+    @staticmethod
+    def _split_metrics(
+        logits: dict[str, tuple[torch.Tensor, np.ndarray]], calibration: dict[str, Any] | None,
+        metrics: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """Single-label: loss, accuracy and ECE (calibrated, and before when calibrated) per split."""
+        t = calibration["temperature"] if calibration else 1.0
+        for name, (z, y) in logits.items():
+            m = logit_metrics(z, y, t)
+            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
+            metrics[f"{name}_size"] = len(y)
+            metrics[f"{name}_ece"] = m["ece"]
+            if calibration:
+                metrics[f"{name}_ece_uncalibrated"] = logit_metrics(z, y)["ece"]
+
+    def _thresholds_and_metrics(
+        self, logits: dict[str, tuple[torch.Tensor, np.ndarray]], metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Multi-label: per-label thresholds (best F1 on validation), then every split's metrics.
+
+        Returns the bundle's ``task`` / ``thresholds`` record; ``metrics`` gains the figures.
+        """
+        from imgclf.runtime.multilabel import TASK, best_f1_thresholds, multilabel_metrics
+
+        classes = self.index.classes
+        probs = {n: torch.sigmoid(z).numpy() for n, (z, _) in logits.items()}
+        if "val" in logits:
+            th, _ = best_f1_thresholds(probs["val"], logits["val"][1])
+            how = f"best F1 per label on validation ({len(logits['val'][1])} images)"
+        else:
+            th = np.full(len(classes), 0.5, dtype=np.float32)
+            how = "0.5 (no validation split to tune on)"
+        shown = ", ".join(f"{c} {t:.2f}" for c, t in zip(classes, th))
+        log.info("multi-label thresholds: %s; %s", how, shown)
+        if self.cfg.calibrate != "none" or self.cfg.ood_score != "none":
+            log.info("multi-label: no temperature scaling or unknown-image rejection (single-label only)")
+        for name, (z, y) in logits.items():
+            m = multilabel_metrics(probs[name], y, th, classes)
+            y_t = torch.from_numpy(y).float()
+            metrics[f"{name}_loss"] = float(F.binary_cross_entropy_with_logits(z, y_t))
+            metrics[f"{name}_accuracy"] = m["exact_match"]  # exact match: the whole label set right
+            metrics[f"{name}_size"] = len(y)
+            for k in ("mAP", "micro_f1", "macro_f1", "hamming_loss"):
+                metrics[f"{name}_{k}"] = m[k]
+        where = "test" if "test" in logits else "val" if "val" in logits else None
+        if where:
+            m = multilabel_metrics(probs[where], logits[where][1], th, classes)
+            metrics["per_label"] = m["per_label"]
+            metrics["per_label_split"] = where
+        return {"task": TASK, "thresholds": [float(t) for t in th], "thresholds_fit_on": how}
+
     def finish(self) -> TrainResult:
         """Pick the final weights, test them, and write the bundle, metrics and plot."""
         cfg, history, data = self.cfg, self.state.history, self.data
@@ -1064,30 +1170,29 @@ class Trainer:
 
         def run(feats: bool) -> dict[str, tuple[Any, torch.Tensor, np.ndarray]]:
             return {
-                n: (*predict_features(final, d.images, self.pre, features=feats), d.labels) for n, d in splits
+                n: (*predict_features(final, d.images, self.pre, features=feats), _truth(d))
+                for n, d in splits
             }
 
         try:
-            outputs = run(cfg.ood_score in FEATURE_SCORES)
+            outputs = run(cfg.ood_score in FEATURE_SCORES and not self.multi)
         except ConfigError as e:
             # No usable penultimate layer (some timm heads): keep the finished run, skip rejection.
             log.warning("unknown images: no rejection (%s)", e)
             outputs = run(False)
         logits = {name: (z, y) for name, (_, z, y) in outputs.items()}
-        calibration = self._calibrate(logits)
-        t = calibration["temperature"] if calibration else 1.0
-        scorer, ood = self._fit_unknown(final, outputs)
-        for name, (z, y) in logits.items():
-            m = logit_metrics(z, y, t)
-            metrics[f"{name}_loss"], metrics[f"{name}_accuracy"] = m["loss"], m["accuracy"]
-            metrics[f"{name}_size"] = len(y)
-            metrics[f"{name}_ece"] = m["ece"]
-            if calibration:
-                metrics[f"{name}_ece_uncalibrated"] = logit_metrics(z, y)["ece"]
+        extra: dict[str, Any] = {}
+        calibration, scorer, ood = None, None, None
+        if self.multi:
+            extra = self._thresholds_and_metrics(logits, metrics)
+        else:
+            calibration = self._calibrate(logits)
+            scorer, ood = self._fit_unknown(final, outputs)
+            self._split_metrics(logits, calibration, metrics)
         if calibration:
             # Headline figures on the held-out test split when there is one, else validation.
             where = "test" if "test" in logits else "val"
-            metrics["temperature"] = t
+            metrics["temperature"] = calibration["temperature"]
             metrics["ece_uncalibrated"] = metrics[f"{where}_ece_uncalibrated"]
             metrics["ece"] = metrics[f"{where}_ece"]
         if ood:
@@ -1111,13 +1216,13 @@ class Trainer:
                 "data_source": self.index.name,
                 **({"calibration": calibration} if calibration else {}),
                 **({"ood": ood} if ood else {}),
+                **extra,
             },
             extra_tensors=scorer.tensors() if scorer is not None else None,
         )
         atomic_write_bytes(self.run_dir / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
         write_plot(history, self.run_dir / "plot.png", f"{cfg.model} on {Path(self.index.name).name}")
-        summary = ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("val_accuracy", "test_accuracy") if k in metrics
-        )
+        keys = ("val_accuracy", "test_accuracy") + (("val_mAP", "test_mAP") if self.multi else ())
+        summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
         log.info("done in %.1fs: %s; bundle %s", metrics["wall_time_s"], summary, bundle_dir)
         return TrainResult(self.run_dir, bundle_dir, metrics, history)
