@@ -91,3 +91,37 @@ def sign_bundle(tmp_path_factory: pytest.TempPathFactory, sign_dir: Path) -> Pat
         tensorboard=False,
     )
     return train(cfg, progress=False).bundle_dir
+
+
+def build_colour_garments(dst: Path, **kw: object) -> Path:
+    """bench/multilabel_data.py's tinted Fashion-MNIST label-set folders (red_tshirt/ ...), small."""
+    import importlib.util
+
+    _need(SHARED / "fashion-mnist")
+    spec = importlib.util.spec_from_file_location("multilabel_data", ROOT / "bench" / "multilabel_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = {"per_class": 30, "test_per_class": 10, "garments": ["tshirt", "trouser", "bag"]}
+    args.update(kw)
+    mod.build(dst, colours=["red", "blue"], data_dir=SHARED, **args)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def colour_garment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Multi-label folders {red,blue}_{tshirt,trouser,bag}: 30 train + 10 test images each (28 px)."""
+    return build_colour_garments(tmp_path_factory.mktemp("data") / "colour_garment")
+
+
+@pytest.fixture(scope="session")
+def multilabel_bundle(tmp_path_factory: pytest.TempPathFactory, colour_garment_dir: Path) -> Path:
+    """LeNet trained briefly with --multi-label on ``colour_garment_dir`` (5 labels)."""
+    from imgclf.training.api import train
+    from imgclf.training.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("runs") / "multilabel"
+    cfg = TrainConfig(
+        data=str(colour_garment_dir), multi_label=True, model="lenet", img_size=28, epochs=4, lr=0.003,
+        recipe="tutorial", out=str(out), tensorboard=False, threads=1,
+    )  # fmt: skip
+    return train(cfg, progress=False).bundle_dir

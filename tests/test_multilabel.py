@@ -1,0 +1,217 @@
+"""Multi-label: label sources, splits, thresholds, training, the bundle and predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgclf.core.errors import BundleError, DataError
+from imgclf.data import sources as D
+from imgclf.runtime.multilabel import best_f1_thresholds, multilabel_metrics, predicted_sets
+
+# ----------------------------------------------------------------------------- label sources
+
+
+def test_folder_names_split_into_label_sets(colour_garment_dir: Path) -> None:
+    index = D.index_source(str(colour_garment_dir), multi_label=True, label_sep="_")
+    assert index.classes == ["bag", "blue", "red", "trouser", "tshirt"]
+    assert index.targets.shape == (len(index), 5)
+    assert (index.targets.sum(axis=1) == 2).all()
+    i = next(k for k, p in enumerate(index.items) if "/red_bag/" in p)
+    assert [index.classes[j] for j in np.flatnonzero(index.targets[i])] == ["bag", "red"]
+    # The stratification key separates label sets: 6 folders, 6 keys.
+    assert len(np.unique(index.labels)) == 6
+
+
+def test_folder_without_separator_is_refused(sign_dir: Path) -> None:
+    with pytest.raises(DataError, match="no class folder name contains '_'"):
+        D.index_source(str(sign_dir), multi_label=True, label_sep="_")
+
+
+def test_builtin_is_refused_for_multi_label() -> None:
+    with pytest.raises(DataError, match="single-label dataset"):
+        D.index_source("digits", multi_label=True)
+
+
+def _manifest_images(tmp_path: Path, colour_garment_dir: Path, n: int = 6) -> list[str]:
+    files = sorted((colour_garment_dir / "train" / "red_bag").iterdir())[:n]
+    (tmp_path / "img").mkdir()
+    out = []
+    for f in files:
+        shutil.copy(f, tmp_path / "img" / f.name)
+        out.append(f"img/{f.name}")
+    return out
+
+
+def test_manifest_csv_and_jsonl(tmp_path: Path, colour_garment_dir: Path) -> None:
+    imgs = _manifest_images(tmp_path, colour_garment_dir)
+    rows = ["path,labels,split"] + [
+        f"{imgs[0]},red|bag,train",
+        f"{imgs[1]},red,train",
+        f"{imgs[2]},,train",  # no label at all
+        f"{imgs[3]},bag|blue,val",
+        f"{imgs[4]},blue,test",
+        "img/missing.png,red,train",
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    index = D.index_source(str(tmp_path / "labels.csv"), multi_label=True)
+    assert index.classes == ["bag", "blue", "red"]
+    assert index.targets.tolist()[:3] == [[1, 0, 1], [0, 0, 1], [0, 0, 0]]
+    assert list(index.split) == ["train", "train", "train", "val", "test"]
+    assert index.skipped and "line 7" in index.skipped[0][1]
+
+    lines = [
+        json.dumps({"path": imgs[0], "labels": ["red", "bag"]}),
+        json.dumps({"path": imgs[1], "labels": "blue"}),
+    ]
+    (tmp_path / "labels.jsonl").write_text("\n".join(lines) + "\n")
+    index = D.index_source(str(tmp_path / "labels.jsonl"), multi_label=True)
+    assert index.targets.tolist() == [[1, 0, 1], [0, 1, 0]]
+
+
+@pytest.mark.parametrize(
+    ("text", "multi", "message"),
+    [
+        ("file,labels\nimg/a.png,red\n", True, "line 1: the header must name a 'path' column"),
+        ("path,labels,split\nimg/a.png,red,train\nimg/b.png,blue,later\n", True, "line 3: split='later'"),
+        ("path,labels\nimg/a.png,red|bag\n", False, "line 2: 2 labels"),
+        ("path,labels\n,red\n", True, "line 2: empty or missing 'path'"),
+    ],
+)
+def test_manifest_errors_name_the_line(tmp_path: Path, text: str, multi: bool, message: str) -> None:
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        D.index_source(str(tmp_path / "labels.csv"), multi_label=multi)
+
+
+def test_manifest_jsonl_error_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "labels.jsonl").write_text('{"path": "a.png", "labels": ["x"]}\n{"path": \n')
+    with pytest.raises(DataError, match="line 2: not JSON"):
+        D.index_source(str(tmp_path / "labels.jsonl"), multi_label=True)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_iterative_split_keeps_labels_and_groups(colour_garment_dir: Path) -> None:
+    index = D.index_source(str(colour_garment_dir / "train"), multi_label=True)
+    n = len(index)
+    groups = np.arange(n) // 3  # planted near-duplicate triples
+    parts = D.split_indices(index.labels, {"val": 0.2, "test": 0.2}, 7, groups, index.targets)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(n))
+    for name in ("val", "test"):
+        share = index.targets[parts[name]].sum(axis=0) / index.targets.sum(axis=0)
+        assert np.all(np.abs(share - 0.2) < 0.08), (name, share)  # every label near its fraction
+    owner = {}
+    for name, idx in parts.items():
+        for g in groups[idx]:
+            assert owner.setdefault(int(g), name) == name  # a group never straddles two splits
+    again = D.split_indices(index.labels, {"val": 0.2, "test": 0.2}, 7, groups, index.targets)
+    assert all(np.array_equal(parts[k], again[k]) for k in parts)
+
+
+# ----------------------------------------------------------------------------- thresholds
+
+
+def test_best_f1_threshold_beats_one_half_when_scores_are_shifted() -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    y = rng.random((400, 3)) < 0.3
+    # A model whose positives sit around 0.35: 0.5 misses most of them.
+    p = np.clip(np.where(y, 0.35, 0.1) + rng.normal(0, 0.08, y.shape), 0, 1)
+    th, f1 = best_f1_thresholds(p, y)
+    for j in range(3):
+        tuned = f1_score(y[:, j], p[:, j] >= th[j])
+        assert tuned == pytest.approx(f1[j], abs=1e-9)
+        assert tuned > f1_score(y[:, j], p[:, j] >= 0.5) + 0.2
+    m = multilabel_metrics(p, y, th, ["a", "b", "c"])
+    assert m["exact_match"] == pytest.approx(float((predicted_sets(p, th) == y).all(axis=1).mean()))
+    assert 0 <= m["hamming_loss"] < 0.1 and m["micro_f1"] > 0.8
+
+
+def test_label_without_positives_keeps_default_threshold() -> None:
+    y = np.zeros((20, 2), dtype=bool)
+    y[:5, 0] = True
+    th, f1 = best_f1_thresholds(np.random.default_rng(1).random((20, 2)), y)
+    assert th[1] == 0.5 and np.isnan(f1[1])
+
+
+# ----------------------------------------------------------------------------- train, bundle, predict
+
+
+def test_trained_bundle_records_task_thresholds_and_metrics(multilabel_bundle: Path) -> None:
+    meta = json.loads((multilabel_bundle / "model.json").read_text())
+    assert meta["task"] == "multi-label"
+    assert len(meta["thresholds"]) == len(meta["classes"]) == 5
+    assert meta["architecture"]["args"]["multi_label"] is True
+    m = json.loads((multilabel_bundle.parent / "metrics.json").read_text())
+    for k in ("test_mAP", "test_micro_f1", "test_macro_f1", "test_accuracy", "test_hamming_loss"):
+        assert 0 <= m[k] <= 1, k
+    # Colour alone is trivial and garments are three easy shapes: far above chance even briefly trained.
+    assert m["test_mAP"] > 0.8
+    assert set(m["per_label"]) == set(meta["classes"])
+
+
+def test_predict_json_and_backends_agree(multilabel_bundle: Path, colour_garment_dir: Path) -> None:
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.predict import predict_files
+
+    files = sorted(str(p) for p in (colour_garment_dir / "test").glob("*/*.png"))[::4]
+    eager = load_bundle(multilabel_bundle, backend="torch")
+    ort = load_bundle(multilabel_bundle, backend="onnxruntime")
+    batch = np.stack([eager.prepare(f) for f in files])
+    pe, po = eager.predict_batch(batch), ort.predict_batch(batch)
+    assert pe.shape == (len(files), 5)
+    assert np.abs(pe - po).max() <= 1e-4
+    assert np.array_equal(predicted_sets(pe, eager.thresholds), predicted_sets(po, ort.thresholds))
+    # Sigmoid outputs: rows do not sum to one.
+    assert not np.allclose(pe.sum(axis=1), 1.0)
+    res = [r.to_dict() for r in predict_files(ort, files[:3])]
+    for r, row in zip(res, po[:3]):
+        assert set(r) == {"path", "labels", "probabilities"}
+        assert r["labels"] == [c for c in sorted(r["labels"], key=lambda c: -r["probabilities"][c])]
+        want = {ort.classes[j] for j in np.flatnonzero(row >= ort.thresholds)}
+        assert set(r["labels"]) == want
+
+
+def test_cli_predict_prints_label_sets(multilabel_bundle: Path, colour_garment_dir: Path, capsys) -> None:
+    from imgclf.cli import main
+
+    f = sorted((colour_garment_dir / "test" / "blue_trouser").iterdir())[0]
+    assert main(["predict", str(multilabel_bundle), str(f), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert isinstance(line["labels"], list) and set(line["probabilities"]) == {
+        "bag",
+        "blue",
+        "red",
+        "trouser",
+        "tshirt",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"thresholds": [0.5, 0.5]}, "'thresholds' must be 5 numbers"),
+        ({"thresholds": [0.5, 0.5, 0.5, 0.5, 1.5]}, "'thresholds' must be 5 numbers"),
+        ({"task": "regression"}, "task='regression'"),
+        ({"task": "single-label"}, "contradicts architecture.args.multi_label"),
+    ],
+)
+def test_tampered_multi_label_records_are_refused(
+    multilabel_bundle: Path, tmp_path: Path, change: dict, message: str
+) -> None:
+    from imgclf.runtime.bundle import load_bundle
+
+    d = tmp_path / "b"
+    shutil.copytree(multilabel_bundle, d)
+    meta = json.loads((d / "model.json").read_text())
+    meta.update(change)
+    (d / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(d)
