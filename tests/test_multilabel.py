@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_colour_garments
 
 from imgclf.core.errors import BundleError, DataError
 from imgclf.data import sources as D
@@ -215,3 +216,38 @@ def test_tampered_multi_label_records_are_refused(
     (d / "model.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=message):
         load_bundle(d)
+
+
+def test_evaluate_matches_training_and_writes_the_report(
+    multilabel_bundle: Path, colour_garment_dir: Path, tmp_path: Path
+) -> None:
+    import csv
+
+    from imgclf.analysis.evaluate import evaluate
+
+    res = evaluate(multilabel_bundle, colour_garment_dir, out=tmp_path / "eval", progress=False)
+    m = res.metrics
+    trained = json.loads((multilabel_bundle.parent / "metrics.json").read_text())
+    # The same test split, model and thresholds: the same figures as training reported.
+    assert m["n_images"] == trained["test_size"]
+    assert m["mAP"] == pytest.approx(trained["test_mAP"], abs=1e-5)
+    assert m["accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    co = np.asarray(m["co_occurrence"])
+    assert co.shape == (5, 5) and (np.diag(co) == res.targets.sum(axis=0)).all()
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert 'id="per-label"' in html and 'id="thresholds"' in html and 'id="co-occurrence"' in html
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    assert len(rows) == m["n_images"]
+    for r in rows:
+        true, pred = set(filter(None, r["true"].split("|"))), set(filter(None, r["predicted"].split("|")))
+        assert set(filter(None, r["missing"].split("|"))) == true - pred
+        assert set(filter(None, r["extra"].split("|"))) == pred - true
+        assert r["correct"] == str(int(true == pred))
+
+
+def test_evaluate_refuses_labels_the_model_does_not_know(multilabel_bundle: Path, tmp_path: Path) -> None:
+    from imgclf.analysis.evaluate import evaluate
+
+    data = build_colour_garments(tmp_path / "other", per_class=3, test_per_class=1, garments=["dress"])
+    with pytest.raises(DataError, match=r"label\(s\) \['dress'\] are unknown to the model"):
+        evaluate(multilabel_bundle, data, progress=False)

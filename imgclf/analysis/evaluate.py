@@ -93,6 +93,19 @@ class EvalResult:
     bias: dict[str, Any] | None = None  # the colour-bias probe, when asked for
     out_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)  # file name -> path, once written
+    # Multi-label: (N, L) true multi-hot label sets over ``classes`` (``labels`` then holds set ids).
+    targets: np.ndarray | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.targets is not None
+
+    @property
+    def predicted_sets(self) -> np.ndarray:
+        """Multi-label: (N, L) bool, the labels at or past their thresholds."""
+        from imgclf.runtime.multilabel import predicted_sets
+
+        return predicted_sets(self.probs, self.bundle.thresholds)
 
     @property
     def predicted(self) -> np.ndarray:
@@ -106,7 +119,9 @@ class EvalResult:
 
     @property
     def correct(self) -> np.ndarray:
-        """(N,) bool: prediction equals the true class."""
+        """(N,) bool: prediction equals the true class (multi-label: the whole label set)."""
+        if self.targets is not None:
+            return (self.predicted_sets == self.targets.astype(bool)).all(axis=1)
         return self.predicted == self.labels
 
     @property
@@ -242,6 +257,21 @@ def compute_metrics(
     return m
 
 
+def multilabel_eval_metrics(targets: np.ndarray, probs: np.ndarray, bundle: Bundle) -> dict[str, Any]:
+    """Multi-label: mAP, micro/macro F1, exact match (as ``accuracy``), Hamming loss, per-label
+    P/R/F1/AP at the bundle's thresholds, label co-occurrence (true sets)."""
+    from imgclf.runtime.multilabel import co_occurrence, multilabel_metrics
+
+    m = multilabel_metrics(probs, targets, bundle.thresholds, list(bundle.classes))
+    return {
+        "task": "multi-label",
+        "n_images": int(len(targets)),
+        "accuracy": m.pop("exact_match"),  # the whole label set right, as training reports it
+        **m,
+        "co_occurrence": co_occurrence(targets).tolist(),
+    }
+
+
 def classification_report_text(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> str:
     """scikit-learn's text report, as the tutorials print it."""
     from sklearn.metrics import classification_report
@@ -345,7 +375,24 @@ def _predict(
 
 
 def _index_matching(bundle: Bundle, data: str, cache_dir: str | None) -> D.SourceIndex:
-    """Index ``data``; its classes must be the bundle's, in the same order."""
+    """Index ``data``; its classes must be the bundle's, in the same order.
+
+    Multi-label bundles: the labels found must be among the bundle's; the targets are put in its order.
+    """
+    if bundle.multi_label:
+        sep = (bundle.meta.get("train_config") or {}).get("label_sep") or "_"
+        index = D.index_source(data, cache_dir, multi_label=True, label_sep=sep)
+        extra = sorted(set(index.classes) - set(bundle.classes))
+        if extra:
+            raise D.DataError(
+                f"{data}: label(s) {extra} are unknown to the model (it knows {bundle.classes}); "
+                "evaluate on data labelled with the model's labels"
+            )
+        targets = np.zeros((len(index), len(bundle.classes)), dtype=np.uint8)
+        for j, c in enumerate(index.classes):
+            targets[:, bundle.classes.index(c)] = index.targets[:, j]
+        index.classes, index.targets = list(bundle.classes), targets
+        return index
     index = D.index_source(data, cache_dir)
     if list(index.classes) != list(bundle.classes):
         extra = sorted(set(index.classes) - set(bundle.classes))
@@ -434,7 +481,10 @@ def evaluate(
     }
     if tta_name:
         metrics["tta"] = tta_name
-    metrics.update(compute_metrics(dec.labels, probs, bundle.classes, top_k))
+    if bundle.multi_label:
+        metrics.update(multilabel_eval_metrics(dec.targets, probs, bundle))
+    else:
+        metrics.update(compute_metrics(dec.labels, probs, bundle.classes, top_k))
     if bundle.temperature != 1.0:
         metrics["temperature"] = bundle.temperature
         raw = uncalibrate(probs, bundle.temperature)
@@ -442,7 +492,9 @@ def evaluate(
     metrics["failed_files"] = failed
     if sel.missing:
         metrics["missing_recorded_files"] = sel.missing
-    if bias:
+    if bias and bundle.multi_label:
+        log.warning("--bias: the colour-bias probe is for single-label models; skipped")
+    elif bias:
         metrics["bias"] = bias_probe(bundle, dec.images, dec.labels)
     pos = {index.items[i]: int(i) for i in sel.idx}
     result = EvalResult(
@@ -459,6 +511,7 @@ def evaluate(
         index=index,
         tta=tta_name,
         bias=metrics.get("bias"),
+        targets=dec.targets,
     )
     if out is not None:
         write_evaluation(result, out, n_wrong=n_wrong)
@@ -534,6 +587,8 @@ def misclassified_png(result: EvalResult, n_wrong: int = 25) -> bytes:
     """Montage of the ``n_wrong`` most confidently wrong images, captioned true/predicted."""
     from imgclf.analysis import visualize as V
 
+    if result.multi_label:
+        return _wrong_label_sets_png(result, n_wrong)
     pred, conf, classes = result.predicted, result.confidence, result.classes
     wrong = np.flatnonzero(~result.correct)
     n_errors = len(wrong)
@@ -549,6 +604,34 @@ def misclassified_png(result: EvalResult, n_wrong: int = 25) -> bytes:
     )
 
 
+def _set_errors(result: EvalResult, j: int) -> tuple[list[str], list[str]]:
+    """(missing, extra) labels of image ``j``: true but not predicted, predicted but not true."""
+    t, p = result.targets[j].astype(bool), result.predicted_sets[j]
+    return [c for c, k in zip(result.classes, t & ~p) if k], [c for c, k in zip(result.classes, p & ~t) if k]
+
+
+def _wrong_label_sets_png(result: EvalResult, n_wrong: int) -> bytes:
+    """Multi-label gallery: images with a wrong set, worst first, captioned with missing and extra labels."""
+    from imgclf.analysis import visualize as V
+
+    y = result.targets.astype(bool)
+    # How far off: probability mass on the wrong side of each label, summed.
+    cost = np.where(y, 1 - result.probs, result.probs) * (result.predicted_sets != y)
+    wrong = np.flatnonzero(~result.correct)
+    n_errors = len(wrong)
+    wrong = wrong[np.argsort(-cost[wrong].sum(axis=1), kind="stable")][:n_wrong]
+    captions = []
+    for j in wrong:
+        missing, extra = _set_errors(result, int(j))
+        captions.append(f"missing: {', '.join(missing) or '-'}\nextra: {', '.join(extra) or '-'}")
+    return V.montage(
+        [V.source_image(result.index, int(result.positions[j])) for j in wrong],
+        captions,
+        cols=min(5, max(1, len(wrong))),
+        suptitle=f"Most wrong label sets ({len(wrong)} of {n_errors} images with a wrong set)",
+    )
+
+
 def reliability_png(result: EvalResult) -> bytes:
     """Reliability diagram over :data:`ECE_BINS` bins; before and after calibration when calibrated."""
     from imgclf.analysis import visualize as V
@@ -559,9 +642,31 @@ def reliability_png(result: EvalResult) -> bytes:
     return V.reliability_png(result.confidence, result.correct.astype(float), ECE_BINS, conf_before=before)
 
 
+def _write_multilabel_csv(result: EvalResult, path: Path) -> Path:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "true", "predicted", "missing", "extra", "correct", "error"])
+        pred, ok = result.predicted_sets, result.correct
+        for j, fname in enumerate(result.files_rel):
+            true = [c for c, k in zip(result.classes, result.targets[j]) if k]
+            got = [c for c, k in zip(result.classes, pred[j]) if k]
+            missing, extra = _set_errors(result, j)
+            w.writerow(
+                [fname, "|".join(true), "|".join(got), "|".join(missing), "|".join(extra), int(ok[j]), ""]
+            )
+        for fl in result.failed:
+            w.writerow([fl["file"], "", "", "", "", "", fl["reason"]])
+    return path
+
+
 def write_predictions_csv(result: EvalResult, path: str | Path) -> Path:
-    """One row per evaluated image, then one per unreadable file (its reason in ``error``)."""
+    """One row per evaluated image, then one per unreadable file (its reason in ``error``).
+
+    Multi-label: true and predicted label sets (``|`` between labels), the missing and extra labels.
+    """
     path = Path(path)
+    if result.multi_label:
+        return _write_multilabel_csv(result, path)
     with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # keeps odd names
         w = csv.writer(f)
         w.writerow(["file", "true", "predicted", "probability", "correct", "true_probability", "error"])
@@ -600,6 +705,8 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, *, n_wrong: int = 
         p.write_bytes(blob) if isinstance(blob, bytes) else p.write_text(display_path(blob), encoding="utf-8")
         files[name] = p
 
+    if result.multi_label:
+        return _write_multilabel_evaluation(result, out, files, write, n_wrong)
     report_txt = classification_report_text(result.labels, result.probs, result.classes)
     cm_png = V.confusion_png(result.confusion, result.classes)
     wrong_png = misclassified_png(result, n_wrong)
@@ -619,6 +726,34 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, *, n_wrong: int = 
         curves_png=training_curves_png(result.bundle),
         report_text=report_txt,
         train_metrics=result.bundle.meta.get("metrics") or {},
+    )
+    write("report.html", html)
+    result.out_dir, result.files = out, files
+    return list(files.values())
+
+
+def _write_multilabel_evaluation(
+    result: EvalResult, out: Path, files: dict[str, Path], write: Any, n_wrong: int
+) -> list[Path]:
+    """metrics.json, co_occurrence.png, thresholds.png, misclassified.png, predictions.csv, report.html."""
+    from imgclf.analysis import visualize as V
+    from imgclf.analysis.report import render_multilabel_report
+
+    co_png = V.co_occurrence_png(np.asarray(result.metrics["co_occurrence"]), result.classes)
+    th_png = V.threshold_curves_png(result.probs, result.targets, result.bundle.thresholds, result.classes)
+    wrong_png = misclassified_png(result, n_wrong)
+    write("metrics.json", json.dumps(result.metrics, indent=2) + "\n")
+    write("co_occurrence.png", co_png)
+    write("thresholds.png", th_png)
+    write("misclassified.png", wrong_png)
+    files["predictions.csv"] = write_predictions_csv(result, out / "predictions.csv")
+    html = render_multilabel_report(
+        result.metrics,
+        result.classes,
+        co_occurrence_png=co_png,
+        thresholds_png=th_png,
+        misclassified_png=wrong_png,
+        curves_png=training_curves_png(result.bundle),
     )
     write("report.html", html)
     result.out_dir, result.files = out, files

@@ -180,3 +180,81 @@ def render_report(
         parts.append('<p class="muted">None.</p>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def per_label_table(m: dict[str, Any], labels: Sequence[str]) -> str:
+    """HTML table: precision, recall, F1, average precision, support and threshold per label."""
+    out = [
+        '<table id="per-label"><tr><th class="l">label</th><th>precision</th><th>recall</th><th>F1</th>'
+        "<th>AP</th><th>support</th><th>threshold</th></tr>"
+    ]
+    for c in labels:
+        r = m["per_label"][c]
+        cls = ' class="low"' if r["support"] and r["recall"] < 0.5 else ""
+        ap = "-" if r["ap"] != r["ap"] else f"{r['ap']:.4f}"  # NaN: no positive image
+        out.append(
+            f'<tr{cls}><td class="l">{html.escape(c)}</td><td>{r["precision"]:.4f}</td>'
+            f"<td>{r['recall']:.4f}</td><td>{r['f1']:.4f}</td><td>{ap}</td><td>{r['support']}</td>"
+            f"<td>{r['threshold']:.3f}</td></tr>"
+        )
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def render_multilabel_report(
+    metrics: dict[str, Any],
+    labels: Sequence[str],
+    *,
+    co_occurrence_png: bytes,
+    thresholds_png: bytes,
+    misclassified_png: bytes | None = None,
+    curves_png: bytes | None = None,
+    title: str = "imgclf evaluation report (multi-label)",
+) -> str:
+    """The multi-label report as one HTML string: summary, per-label table, co-occurrence,
+    threshold curves, the images whose label set is wrong (missing / extra labels)."""
+    m = metrics
+    e = html.escape
+    rows = [
+        ("images evaluated", str(m.get("n_images", "-"))),
+        ("mean average precision (mAP)", f"{float(m['mAP']):.4f}"),
+        ("micro F1 / macro F1", f"{float(m['micro_f1']):.4f} / {float(m['macro_f1']):.4f}"),
+        ("exact match (whole label set right)", _pct(m.get("accuracy"))),
+        ("Hamming loss (wrong label decisions)", f"{float(m['hamming_loss']):.4f}"),
+    ]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        f"<p>Bundle <code>{e(str(m.get('bundle', '')))}</code> on <code>{e(str(m.get('data', '')))}</code>, "
+        f"split <b>{e(str(m.get('split', '')))}</b>: {e(str(m.get('selection', '')))}.<br>"
+        f'<span class="muted">Generated {time.strftime("%Y-%m-%d %H:%M:%S")}.</span></p>',
+        "<h2>Summary</h2><table>",
+        *[f'<tr><th class="l">{e(k)}</th><td>{e(v)}</td></tr>' for k, v in rows],
+        "</table>",
+        "<h2>Per-label metrics</h2>",
+        '<p class="muted">A label is predicted when its probability reaches its threshold, chosen on '
+        "the validation split for the best F1 when the model was trained.</p>",
+        per_label_table(m, labels),
+        '<h2 id="thresholds">Threshold curves</h2>',
+        _img(thresholds_png, "per-label threshold curves"),
+        '<h2 id="co-occurrence">Label co-occurrence (true label sets)</h2>',
+        _img(co_occurrence_png, "label co-occurrence matrix"),
+        "<h2>Most wrong label sets</h2>",
+        _img(misclassified_png, "images with a wrong label set"),
+        "<h2>Training curves</h2>",
+        _img(curves_png, "training curves (the run folder is not available)"),
+    ]
+    failed = m.get("failed_files") or []
+    parts.append(f"<h2>Files that could not be read ({len(failed)})</h2>")
+    if failed:
+        parts.append('<table id="failed"><tr><th class="l">file</th><th class="l">reason</th></tr>')
+        parts += [
+            f'<tr><td class="l">{e(f["file"])}</td><td class="l">{e(f["reason"])}</td></tr>' for f in failed
+        ]
+        parts.append("</table>")
+    else:
+        parts.append('<p class="muted">None.</p>')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -282,3 +282,57 @@ def png_bytes(arr: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(to_rgb(arr)).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def co_occurrence_png(co: np.ndarray, labels: Sequence[str], *, title: str = "Label co-occurrence") -> bytes:
+    """Images holding both labels (counts; the diagonal is each label's count), labels on both axes."""
+    plt = _plt()
+    co = np.asarray(co, dtype=np.int64)
+    k = len(labels)
+    side = max(4.5, 0.55 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(co, cmap="Blues")
+    ax.set_xticks(range(k), list(labels), rotation=45, ha="right")
+    ax.set_yticks(range(k), list(labels))
+    if k <= 25:
+        top = co.max() or 1
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(co[i, j]), ha="center", va="center",
+                        color="white" if co[i, j] > top / 2 else "black", fontsize=8)  # fmt: skip
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig_to_png(fig)
+
+
+def threshold_curves_png(
+    probs: np.ndarray, targets: np.ndarray, thresholds: np.ndarray, labels: Sequence[str]
+) -> bytes:
+    """Per label: precision, recall and F1 against the decision threshold, the chosen one marked."""
+    plt = _plt()
+    k = len(labels)
+    cols = min(4, k)
+    rows = (k + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    grid = np.linspace(0.01, 0.99, 99)
+    y = np.asarray(targets).astype(bool)
+    for j, name in enumerate(labels):
+        ax = axes[j // cols][j % cols]
+        pred = probs[:, j][:, None] >= grid[None, :]
+        tp = (pred & y[:, j][:, None]).sum(axis=0)
+        prec = np.divide(tp, pred.sum(axis=0), out=np.zeros(len(grid)), where=pred.sum(axis=0) > 0)
+        rec = tp / max(int(y[:, j].sum()), 1)
+        f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros(len(grid)), where=(prec + rec) > 0)
+        ax.plot(grid, prec, label="precision")
+        ax.plot(grid, rec, label="recall")
+        ax.plot(grid, f1, label="F1", lw=2)
+        ax.axvline(float(thresholds[j]), color="k", ls="--", lw=1)
+        ax.set_title(f"{name} (threshold {float(thresholds[j]):.2f})", fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("threshold", fontsize=8)
+    for j in range(k, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig_to_png(fig)

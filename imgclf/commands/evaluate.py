@@ -73,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2))
         return 0
     print(f"evaluated {m['n_images']} images ({m['selection']})")
+    if m.get("task") == "multi-label":
+        print(
+            f"mAP {m['mAP']:.4f}, micro F1 {m['micro_f1']:.4f}, macro F1 {m['macro_f1']:.4f}, "
+            f"exact match {m['accuracy'] * 100:.2f}%, Hamming loss {m['hamming_loss']:.4f}"
+        )
+        if res.out_dir is not None:
+            print(f"report: {res.out_dir / 'report.html'}")
+        return 0
     line = f"accuracy {m['accuracy'] * 100:.2f}%" + (f" (TTA: {m['tta']})" if "tta" in m else "")
     if "top_k_accuracy" in m:
         line += f", top-{m['top_k']} {m['top_k_accuracy'] * 100:.2f}%"
