@@ -39,7 +39,8 @@ def tint(grey: np.ndarray, rgb: tuple[int, int, int], rng: np.random.Generator) 
     """(H, W) uint8 garment -> (H, W, 3) uint8 in a jittered version of ``rgb``."""
     jitter = rng.normal(0, 18, 3)
     colour = np.clip(np.asarray(rgb, dtype=np.float64) + jitter, 0, 255) * rng.uniform(0.75, 1.0)
-    return np.clip(grey[:, :, None].astype(np.float64) / 255.0 * colour[None, None, :], 0, 255).astype(np.uint8)
+    out = grey[:, :, None].astype(np.float64) / 255.0 * colour[None, None, :]
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def build(
