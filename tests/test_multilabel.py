@@ -251,3 +251,42 @@ def test_evaluate_refuses_labels_the_model_does_not_know(multilabel_bundle: Path
     data = build_colour_garments(tmp_path / "other", per_class=3, test_per_class=1, garments=["dress"])
     with pytest.raises(DataError, match=r"label\(s\) \['dress'\] are unknown to the model"):
         evaluate(multilabel_bundle, data, progress=False)
+
+
+# ----------------------------------------------------------------------------- every model, resume, bf16
+
+
+@pytest.mark.parametrize("labels", [2, 5])
+def test_every_registered_model_has_one_output_per_label(labels: int) -> None:
+    import torch
+
+    from imgclf.models.registry import create_model, get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        size = max(spec.min_size, 32)
+        m = create_model(name, num_classes=labels, in_channels=3, img_size=size, multi_label=True).eval()
+        with torch.no_grad():
+            out = m(torch.zeros(2, 3, size, size))
+        # Two labels stay two sigmoid outputs: no single-logit binary head.
+        assert out.shape == (2, labels), name
+        assert m.arch_args["multi_label"] is True
+        rebuilt = create_model(m.arch, **m.arch_args)
+        assert rebuilt.arch_args == m.arch_args
+
+
+def test_resume_and_bf16_keep_multi_label(colour_garment_dir: Path, tmp_path: Path) -> None:
+    from imgclf.training.api import resume, train
+    from imgclf.training.config import TrainConfig
+
+    cfg = TrainConfig(
+        data=str(colour_garment_dir), multi_label=True, model="lenet", img_size=28, epochs=1, subset=60,
+        out=str(tmp_path / "run"), tensorboard=False, threads=1, precision="bf16", pos_weight="auto",
+    )  # fmt: skip
+    first = train(cfg, progress=False)
+    assert len(first.history) == 1
+    again = resume(first.run_dir, epochs=2, progress=False)
+    assert [h["epoch"] for h in again.history] == [1, 2]
+    meta = json.loads((again.bundle_dir / "model.json").read_text())
+    assert meta["task"] == "multi-label" and meta["train_config"]["pos_weight"] == "auto"
+    assert np.isfinite(again.metrics["val_loss"]) and 0 <= again.metrics["test_mAP"] <= 1

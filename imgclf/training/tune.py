@@ -456,7 +456,8 @@ def tune(
         raise ConfigError("tune compares trials by validation accuracy: val_split must be above 0")
     from imgclf.data.sources import index_source
 
-    index_source(cfg.data, cfg.cache_dir)  # a missing folder fails here, once
+    # a missing folder or a bad labels file fails here, once
+    index_source(cfg.data, cfg.cache_dir, multi_label=cfg.multi_label, label_sep=cfg.label_sep)
     out.mkdir(parents=True, exist_ok=True)
     if ray_address:
         with _quiet_search():
