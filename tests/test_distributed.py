@@ -186,3 +186,18 @@ def test_ray_serve_same_api(two_worker_run, mnist_pngs: Path) -> None:
         assert bad.status_code in (400, 415, 422) and "error" in bad.text.lower()
     finally:
         serve.shutdown()
+
+
+def test_multi_label_trains_on_two_workers(ray_local, colour_garment_dir: Path, tmp_path: Path) -> None:
+    """Multi-label targets travel to the Ray workers; the bundle keeps the task and its thresholds."""
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.training.api import train
+
+    cfg = TrainConfig(
+        data=str(colour_garment_dir), multi_label=True, model="lenet", img_size=28, epochs=1,
+        tensorboard=False, batch_size=32, out=str(tmp_path / "ml"), ray_workers=2,
+    )  # fmt: skip
+    res = train(cfg, progress=False)
+    b = load_bundle(res.bundle_dir)
+    assert b.multi_label and len(b.thresholds) == len(b.classes) == 5
+    assert 0 <= res.metrics["test_mAP"] <= 1 and np.isfinite(res.history[-1]["train_loss"])
