@@ -92,6 +92,24 @@ def test_added_and_removed_files_decode_only_themselves(
     assert after["images"] == before["images"] + 1  # the removed row is kept but no longer asked for
 
 
+def test_unreadable_files_are_reported_and_remembered(
+    tmp_path: Path, small_sign_folder, decodes: list[str]
+) -> None:
+    root = small_sign_folder(tmp_path / "ds", per_class=3)
+    (root / "2" / "truncated.jpg").write_bytes(next((root / "2").iterdir()).read_bytes()[:300])
+    (root / "0" / "notes.txt").write_text("not an image")
+    index = D.index_folder(root)
+    ref = _direct(index)
+    for run in range(2):
+        decodes.clear()
+        got = _build(index, tmp_path / "c")
+        assert sorted(Path(p).name for p, _ in got.failed) == ["notes.txt", "truncated.jpg"]
+        assert sorted(got.failed) == sorted(ref.failed)
+        assert got.items == ref.items and np.array_equal(np.asarray(got.images), ref.images)
+        assert len(decodes) == (len(index) if run == 0 else 0)  # the next run decodes nothing
+    assert S.store_info(str(tmp_path / "c"))["stores"][0]["failed"] == 2
+
+
 def test_damaged_shards_are_detected_and_rebuilt(
     tmp_path: Path, small_sign_folder, decodes: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:

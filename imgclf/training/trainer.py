@@ -18,7 +18,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.training.config import ConfigError, TrainConfig
 from imgclf.training.transfer import check_config as check_transfer_config
 from imgclf.training.transfer import init_model
+
+if TYPE_CHECKING:
+    from imgclf.data.store import StoreArray
 
 log = logging.getLogger("imgclf")
 
@@ -358,7 +361,7 @@ PREFETCH: bool | None = None
 
 
 def make_batch(
-    x_all: torch.Tensor,
+    x_all: torch.Tensor | StoreArray,
     y_all: torch.Tensor,
     idx: torch.Tensor,
     pre: Preprocess,
@@ -383,7 +386,7 @@ def make_batch(
 
 
 def epoch_batches(
-    x_all: torch.Tensor,
+    x_all: torch.Tensor | StoreArray,
     y_all: torch.Tensor,
     perm: torch.Tensor,
     bs: int,
