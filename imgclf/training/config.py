@@ -335,6 +335,20 @@ class TrainConfig:
     max_pixels: int = option(
         default=100_000_000, help="refuse images with more pixels than this (decompression-bomb guard)", ge=1
     )
+    stream: str = option(
+        default="auto",
+        help=(
+            "where decoded images live: off (in memory), on (memory-mapped shards of the decoded store "
+            "in cache_dir, read a batch at a time), auto (on when they exceed memory_budget_mb)"
+        ),
+        choices=("auto", "on", "off"),
+    )
+    memory_budget_mb: float = option(
+        default=2048,
+        help="decoded images (all splits) held in memory at most; beyond it stream: auto streams",
+        gt=0,
+    )
+    shard_mb: float = option(default=256, help="size of one decoded-store shard file", gt=0)
     compile: bool = option(default=False, help="torch.compile the model (slower start, may train faster)")
     device: str = option(
         default="cpu",

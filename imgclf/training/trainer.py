@@ -16,8 +16,9 @@ import sys
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 from imgclf.training.config import ConfigError, TrainConfig
 from imgclf.training.transfer import check_config as check_transfer_config
 from imgclf.training.transfer import init_model
+
+if TYPE_CHECKING:
+    from imgclf.data.store import StoreArray
 
 log = logging.getLogger("imgclf")
 
@@ -262,10 +266,10 @@ def predict_features(
     model.eval()
     dev = next(model.parameters()).device
     both = FeaturesAndLogits(model) if features else None
-    x_all = torch.from_numpy(images)
     feats, logits = [], []
     for s in range(0, len(images), batch):
-        x = normalize(x_all[s : s + batch].to(dev), pre)
+        # Slicing per batch: a StoreArray reads just these rows from disk.
+        x = normalize(torch.as_tensor(images[s : s + batch]).to(dev), pre)
         f, z = both(x) if both is not None else (None, model(x))
         logits.append(z.float().cpu())
         if f is not None:
@@ -378,7 +382,7 @@ PREFETCH: bool | None = None
 
 
 def make_batch(
-    x_all: torch.Tensor,
+    x_all: torch.Tensor | StoreArray,
     y_all: torch.Tensor,
     idx: torch.Tensor,
     pre: Preprocess,
@@ -392,6 +396,8 @@ def make_batch(
     random parameters are still drawn from ``gen`` on the CPU (same stream on every device).
     """
     x, y = x_all[idx], y_all[idx]
+    if isinstance(x, np.ndarray):  # rows gathered from a StoreArray (streaming)
+        x = torch.from_numpy(x)
     if device is not None and device.type != "cpu":
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float()
@@ -401,7 +407,7 @@ def make_batch(
 
 
 def epoch_batches(
-    x_all: torch.Tensor,
+    x_all: torch.Tensor | StoreArray,
     y_all: torch.Tensor,
     perm: torch.Tensor,
     bs: int,
@@ -480,8 +486,15 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
                 parts[k] = parts[k][D.stratified_subset(index.labels[parts[k]], cfg.subset, cfg.seed)]
     failed = list(index.skipped)
     decoded: dict[str, D.Decoded] = {}
+    from imgclf.data.store import build_store, plan_storage
+
+    plan = plan_storage(sum(len(v) for v in parts.values()), pre, cfg.stream, cfg.memory_budget_mb)
+    log.info("data: %s (%s)", "streaming from the decoded store" if plan.stream else "in memory", plan.reason)
     for name, idx in parts.items():
-        dec = D.decode_items(
+        decode = D.decode_items
+        if plan.stream:
+            decode = partial(build_store, shard_mb=min(cfg.shard_mb, cfg.memory_budget_mb / 2))
+        dec = decode(
             index,
             idx,
             pre,
@@ -717,7 +730,8 @@ class Trainer:
         # Drop the last partial batch: BatchNorm is unstable on tiny ones.
         self.steps_per_epoch = n // self.batch_size
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.x_all = torch.from_numpy(self.data.train.images)
+        imgs = self.data.train.images  # a StoreArray when streaming: rows are read per batch
+        self.x_all = torch.from_numpy(imgs) if isinstance(imgs, np.ndarray) else imgs
         y = self.data.train.targets if self.multi else self.data.train.labels
         self.y_all = torch.from_numpy(y).float() if self.multi else torch.from_numpy(y)
         self._decide_auto()  # recipe auto: flip and learning rate, then the config is final
@@ -1034,7 +1048,9 @@ class Trainer:
             pick = np.sort(np.random.default_rng(cfg.seed).choice(pick, MAX_OOD_FIT_IMAGES, replace=False))
         # msp and energy read the logits only: no pass over the training images.
         needs_feats = cfg.ood_score in FEATURE_SCORES
-        feats = predict_features(model, tr.images[pick], self.pre)[0] if needs_feats else None
+        # A StoreArray's subset is a view: the rows are read a batch at a time, not gathered at once.
+        imgs = tr.images.subset(pick) if hasattr(tr.images, "subset") else tr.images[pick]
+        feats = predict_features(model, imgs, self.pre)[0] if needs_feats else None
         scorer = fit_scorer(cfg.ood_score, feats, torch.from_numpy(tr.labels[pick]), len(self.index.classes))
 
         def scores(f: torch.Tensor, z: torch.Tensor) -> np.ndarray:
