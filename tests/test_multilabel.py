@@ -290,3 +290,18 @@ def test_resume_and_bf16_keep_multi_label(colour_garment_dir: Path, tmp_path: Pa
     meta = json.loads((again.bundle_dir / "model.json").read_text())
     assert meta["task"] == "multi-label" and meta["train_config"]["pos_weight"] == "auto"
     assert np.isfinite(again.metrics["val_loss"]) and 0 <= again.metrics["test_mAP"] <= 1
+
+
+def test_streaming_from_the_store_keeps_label_sets(colour_garment_dir: Path, tmp_path: Path) -> None:
+    from imgclf.training.api import train
+    from imgclf.training.config import TrainConfig
+
+    runs = {}
+    for stream in ("off", "on"):
+        cfg = TrainConfig(
+            data=str(colour_garment_dir), multi_label=True, model="lenet", img_size=28, epochs=1, subset=60,
+            out=str(tmp_path / stream), tensorboard=False, threads=1, stream=stream, ood_score="none",
+        )  # fmt: skip
+        runs[stream] = train(cfg, progress=False)
+    assert runs["on"].metrics["test_mAP"] == runs["off"].metrics["test_mAP"]
+    assert runs["on"].history[-1]["train_loss"] == runs["off"].history[-1]["train_loss"]
