@@ -685,10 +685,11 @@ class Trainer:
             (size, size), int(cfg.channels), mean=tuple(cfg.mean or ()), std=tuple(cfg.std or ())
         )
         log.info(
-            "data %s: %d items, %d classes; model %s at %dx%dx%d",
+            "data %s: %d items, %d %s; model %s at %dx%dx%d",
             self.index.name,
             len(self.index),
             len(self.index.classes),
+            "labels (multi-label)" if self.multi else "classes",
             cfg.model,
             size,
             size,
