@@ -149,3 +149,64 @@ def test_int8_export_compares_label_sets_and_map_on_held_out(
     q = load_bundle(tmp_path / "m.int8.onnx")
     assert q.multi_label and np.allclose(q.thresholds, eager.thresholds)
     assert rc in (0, 1)  # 1 only when int8 loses more than a point of mAP; the line says which
+
+
+# ----------------------------------------------------------------------------- explain
+
+
+def test_gradcam_per_label_uses_that_labels_logit(eager, colour_garment_dir: Path) -> None:
+    from imgclf.analysis.explain import find_target_layer, gradcam, labels_to_explain
+    from imgclf.core.preprocess import normalize
+
+    src = sorted((colour_garment_dir / "test" / "red_trouser").iterdir())[0]
+    heat = {}
+    for name in ("red", "trouser", "bag"):
+        heat[name], used, _ = gradcam(eager, src, eager.classes.index(name))
+        assert eager.classes[used] == name and heat[name].shape == (28, 28)
+    # Different labels highlight different pixels.
+    assert np.abs(heat["red"] - heat["trouser"]).mean() > 0.01
+    assert np.abs(heat["trouser"] - heat["bag"]).mean() > 0.01
+    # The map is the Grad-CAM of that label's own logit (not of a softmax over labels).
+    x = normalize(torch.from_numpy(eager.prepare(src)[None].copy()), eager.pre)
+    model = eager.model
+    layer = find_target_layer(model, x)
+    acts = []
+    hook = layer.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    with torch.enable_grad():
+        logit = model(x)[0, eager.classes.index("trouser")]
+        (g,) = torch.autograd.grad(logit, acts[-1])
+    hook.remove()
+    cam = torch.relu((g[0].mean(dim=(1, 2))[:, None, None] * acts[-1].detach()[0]).sum(0))
+    cam = cam / cam.max()
+    up = torch.nn.functional.interpolate(cam[None, None], size=(28, 28), mode="bilinear", align_corners=False)
+    assert np.allclose(up[0, 0].clamp(0, 1).numpy(), heat["trouser"], atol=1e-5)
+    # By default: the predicted labels, most probable first.
+    probs = eager.predict_batch(eager.prepare(src)[None])[0]
+    want = [eager.classes[i] for i in np.argsort(-probs) if probs[i] >= eager.thresholds[i]]
+    assert [eager.classes[i] for i in labels_to_explain(eager, src)] == want
+
+
+def test_explain_cli_one_map_per_predicted_label(
+    multilabel_bundle: Path, eager, colour_garment_dir: Path, tmp_path: Path, capsys
+) -> None:
+    src = sorted((colour_garment_dir / "test" / "blue_bag").iterdir())[1]
+    probs = eager.predict_batch(eager.prepare(src)[None])[0]
+    predicted = [c for c, p, t in zip(eager.classes, probs, eager.thresholds) if p >= t] or [
+        eager.classes[int(np.argmax(probs))]
+    ]
+    out = tmp_path / "out"
+    assert main(["explain", str(multilabel_bundle), str(src), "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(ln.split(": ")[1] for ln in lines) == sorted(predicted)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{src.stem}.gradcam-{c}.png" for c in predicted)
+
+    assert main(["explain", str(multilabel_bundle), str(src), "--out", str(out), "--label", "red"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.count("\n") == 0 and ": red: " in line and (out / f"{src.stem}.gradcam-red.png").exists()
+
+    assert main(["explain", str(multilabel_bundle), str(src), "--label", "pikachu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "imgclf explain: error: label 'pikachu' is not in this bundle; its labels are: "
+        "bag, blue, red, trouser, tshirt"
+    )
