@@ -210,3 +210,104 @@ def test_explain_cli_one_map_per_predicted_label(
         "imgclf explain: error: label 'pikachu' is not in this bundle; its labels are: "
         "bag, blue, red, trouser, tshirt"
     )
+
+
+# ----------------------------------------------------------------------------- predict-batch
+
+
+def _batch_folder(root: Path, colour_garment_dir: Path) -> Path:
+    """Two real test images from each label-set folder, plus a truncated PNG."""
+    import shutil
+
+    d = root / "in"
+    for folder in sorted((colour_garment_dir / "test").iterdir()):
+        (d / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:2]:
+            shutil.copy(f, d / folder.name / f.name)
+    good = next((d / "red_bag").iterdir())
+    (d / "red_bag" / "cut.png").write_bytes(good.read_bytes()[:60])
+    return d
+
+
+def test_predict_batch_label_lists_and_probability_columns_resume(
+    multilabel_bundle: Path, eager, colour_garment_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import os
+    import shutil
+
+    import pyarrow as pa
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    d = _batch_folder(tmp_path, colour_garment_dir)
+    out = tmp_path / "p.parquet"
+    rc = main(["predict-batch", str(multilabel_bundle), "--data", str(d), "--out", str(out), "--no-progress"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 1 and (s["total"], s["predicted"], s["failed"]) == (13, 13, 1)
+    sch = pq.read_schema(out)
+    assert sch.names == ["path", "path_bytes", "labels", *(f"p_{c}" for c in eager.classes), "error"]
+    assert sch.field("labels").type == pa.list_(pa.string())
+    assert json.loads(sch.metadata[b"imgclf.thresholds"]) == pytest.approx(eager.thresholds.tolist())
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    cut = str((d / "red_bag" / "cut.png").resolve())
+    assert rows[cut]["labels"] is None and rows[cut]["error"] and rows[cut]["p_red"] is None
+    files = sorted(str(p.resolve()) for p in d.glob("*/*.png") if p.name != "cut.png")
+    probs = eager.predict_batch(np.stack([eager.prepare(f) for f in files]))
+    want = _sets(probs, eager.thresholds, eager.classes)
+    for f, p, ws in zip(files, probs, want):
+        r = rows[f]
+        assert r["error"] is None and set(r["labels"]) == ws
+        assert [r[f"p_{c}"] for c in r["labels"]] == sorted((r[f"p_{c}"] for c in r["labels"]), reverse=True)
+        assert np.abs(np.array([r[f"p_{c}"] for c in eager.classes]) - p).max() <= TOL
+    truth = [set(Path(f).parent.name.split("_")) for f in files]
+    assert np.mean([w == t for w, t in zip(want, truth)]) > 0.5  # real images, a real (small) model
+
+    # Repair the truncated file: the rerun tries it again and predicts nothing else.
+    shutil.copy(files[0], cut)
+    rc = main(["predict-batch", str(multilabel_bundle), "--data", str(d), "--out", str(out), "--no-progress"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and (s["predicted"], s["already_done"], s["retried"], s["failed"]) == (1, 12, 1, 0)
+    again = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert len(again) == 13 and again[cut]["labels"] == rows[files[0]]["labels"]
+    assert not os.path.exists(str(out) + ".parts")
+
+
+def test_predict_batch_refuses_output_of_another_model(
+    multilabel_bundle: Path, colour_garment_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import pyarrow as pa
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    from imgclf.serving.batch import schema
+
+    out = tmp_path / "single.parquet"
+    pq.write_table(pa.Table.from_pylist([], schema=schema()), out)  # a single-label model's output
+    d = _batch_folder(tmp_path, colour_garment_dir)
+    rc = main(["predict-batch", str(multilabel_bundle), "--data", str(d), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "holds predictions of another model" in err and "\n" not in err
+
+
+def test_predict_batch_on_ray_matches_local(
+    multilabel_bundle: Path, colour_garment_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ray", reason="Ray not installed (pip install 'imgclf[ray]')")
+    import ray
+
+    from imgclf.serving.batch import predict_dataset, read_predictions
+
+    d = _batch_folder(tmp_path, colour_garment_dir)
+    local = predict_dataset(multilabel_bundle, [str(d)], tmp_path / "local.parquet", progress=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        s = predict_dataset(multilabel_bundle, [str(d)], tmp_path / "ray.parquet", workers=1, progress=False)
+    finally:
+        ray.shutdown()
+    assert (s.predicted, s.failed) == (local.predicted, local.failed) == (13, 1)
+    by_path = {r["path"]: r for r in read_predictions(tmp_path / "local.parquet")}
+    rows = read_predictions(tmp_path / "ray.parquet")
+    assert len(rows) == 13
+    for r in rows:
+        want = by_path[r["path"]]
+        assert r["labels"] == want["labels"] and r["error"] == want["error"]
+        if r["error"] is None:
+            assert r["p_red"] == pytest.approx(want["p_red"], abs=TOL)
