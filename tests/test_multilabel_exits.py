@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import batch_input_folder
 
 from imgclf.cli import main
 from imgclf.runtime.bundle import load_bundle
@@ -215,20 +216,6 @@ def test_explain_cli_one_map_per_predicted_label(
 # ----------------------------------------------------------------------------- predict-batch
 
 
-def _batch_folder(root: Path, colour_garment_dir: Path) -> Path:
-    """Two real test images from each label-set folder, plus a truncated PNG."""
-    import shutil
-
-    d = root / "in"
-    for folder in sorted((colour_garment_dir / "test").iterdir()):
-        (d / folder.name).mkdir(parents=True)
-        for f in sorted(folder.iterdir())[:2]:
-            shutil.copy(f, d / folder.name / f.name)
-    good = next((d / "red_bag").iterdir())
-    (d / "red_bag" / "cut.png").write_bytes(good.read_bytes()[:60])
-    return d
-
-
 def test_predict_batch_label_lists_and_probability_columns_resume(
     multilabel_bundle: Path, eager, colour_garment_dir: Path, tmp_path: Path, capsys
 ) -> None:
@@ -238,7 +225,7 @@ def test_predict_batch_label_lists_and_probability_columns_resume(
     import pyarrow as pa
 
     pq = pytest.importorskip("pyarrow.parquet")
-    d = _batch_folder(tmp_path, colour_garment_dir)
+    d = batch_input_folder(tmp_path, colour_garment_dir)
     out = tmp_path / "p.parquet"
     rc = main(["predict-batch", str(multilabel_bundle), "--data", str(d), "--out", str(out), "--no-progress"])
     s = json.loads(capsys.readouterr().out)
@@ -281,33 +268,7 @@ def test_predict_batch_refuses_output_of_another_model(
 
     out = tmp_path / "single.parquet"
     pq.write_table(pa.Table.from_pylist([], schema=schema()), out)  # a single-label model's output
-    d = _batch_folder(tmp_path, colour_garment_dir)
+    d = batch_input_folder(tmp_path, colour_garment_dir)
     rc = main(["predict-batch", str(multilabel_bundle), "--data", str(d), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "holds predictions of another model" in err and "\n" not in err
-
-
-def test_predict_batch_on_ray_matches_local(
-    multilabel_bundle: Path, colour_garment_dir: Path, tmp_path: Path
-) -> None:
-    pytest.importorskip("ray", reason="Ray not installed (pip install 'imgclf[ray]')")
-    import ray
-
-    from imgclf.serving.batch import predict_dataset, read_predictions
-
-    d = _batch_folder(tmp_path, colour_garment_dir)
-    local = predict_dataset(multilabel_bundle, [str(d)], tmp_path / "local.parquet", progress=False)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        s = predict_dataset(multilabel_bundle, [str(d)], tmp_path / "ray.parquet", workers=1, progress=False)
-    finally:
-        ray.shutdown()
-    assert (s.predicted, s.failed) == (local.predicted, local.failed) == (13, 1)
-    by_path = {r["path"]: r for r in read_predictions(tmp_path / "local.parquet")}
-    rows = read_predictions(tmp_path / "ray.parquet")
-    assert len(rows) == 13
-    for r in rows:
-        want = by_path[r["path"]]
-        assert r["labels"] == want["labels"] and r["error"] == want["error"]
-        if r["error"] is None:
-            assert r["p_red"] == pytest.approx(want["p_red"], abs=TOL)
