@@ -125,3 +125,18 @@ def multilabel_bundle(tmp_path_factory: pytest.TempPathFactory, colour_garment_d
         recipe="tutorial", out=str(out), tensorboard=False, threads=1,
     )  # fmt: skip
     return train(cfg, progress=False).bundle_dir
+
+
+def batch_input_folder(root: Path, colour_garment_dir: Path) -> Path:
+    """``root/in``: two real test images from each colour-garment label-set folder, plus a truncated PNG
+    (predict-batch tests)."""
+    import shutil
+
+    d = root / "in"
+    for folder in sorted((colour_garment_dir / "test").iterdir()):
+        (d / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:2]:
+            shutil.copy(f, d / folder.name / f.name)
+    good = next((d / "red_bag").iterdir())
+    (d / "red_bag" / "cut.png").write_bytes(good.read_bytes()[:60])
+    return d

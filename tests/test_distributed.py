@@ -123,6 +123,28 @@ def test_damaged_part_is_redone(two_worker_run, mnist_pngs: Path, tmp_path: Path
     assert len(read_predictions(out)) == s.total
 
 
+def test_predict_batch_multi_label_on_ray_matches_local(
+    ray_local, multilabel_bundle: Path, colour_garment_dir: Path, tmp_path: Path
+) -> None:
+    """Multi-label rows (a list<string> column, p_<label> columns) come through Ray Data unchanged."""
+    from conftest import batch_input_folder
+
+    from imgclf.serving.batch import predict_dataset, read_predictions
+
+    d = batch_input_folder(tmp_path, colour_garment_dir)
+    local = predict_dataset(multilabel_bundle, [str(d)], tmp_path / "local.parquet", progress=False)
+    s = predict_dataset(multilabel_bundle, [str(d)], tmp_path / "ray.parquet", workers=1, progress=False)
+    assert (s.predicted, s.failed) == (local.predicted, local.failed) == (13, 1)
+    by_path = {r["path"]: r for r in read_predictions(tmp_path / "local.parquet")}
+    rows = read_predictions(tmp_path / "ray.parquet")
+    assert len(rows) == 13
+    for r in rows:
+        want = by_path[r["path"]]
+        assert r["labels"] == want["labels"] and r["error"] == want["error"]
+        if r["error"] is None:
+            assert r["p_red"] == pytest.approx(want["p_red"], abs=1e-4)
+
+
 def test_killed_worker_does_not_lose_the_run(ray_local, tmp_path: Path, monkeypatch) -> None:
     from imgclf.training.api import train
     from imgclf.training.distributed import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV

@@ -5,7 +5,9 @@ output still has a spatial extent (more than 1x1). Executed order, not declarati
 because residual shortcuts and squeeze-excite blocks declare 1x1 convs after the main path.
 
 The map is computed at the model's input size, then upsampled to the ORIGINAL image size so it
-lines up with the photo the user gave. Hand-written (about 30 lines) rather than a library:
+lines up with the photo the user gave. A multi-label bundle has one independent sigmoid per label, so
+a map explains one label: the gradient is that label's logit's, and :func:`explain_labels` gives one
+map per predicted label. Hand-written (about 30 lines) rather than a library:
 pytorch-grad-cam needs torchvision, which this project cannot use.
 """
 
@@ -50,11 +52,17 @@ def find_target_layer(model: nn.Module, x: torch.Tensor) -> nn.Conv2d:
 
 
 def gradcam_batch(
-    model: nn.Module, x: torch.Tensor, class_index: int | None = None, layer: nn.Conv2d | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    class_index: int | None = None,
+    layer: nn.Conv2d | None = None,
+    multi_label: bool = False,
 ) -> tuple[np.ndarray, int, np.ndarray]:
     """Grad-CAM for one normalised input ``x`` (1, C, h, w).
 
     Returns (map float32 (h', w') at the layer's resolution, in [0, 1]; class used; probabilities).
+    ``multi_label``: the probabilities are per-label sigmoids; the gradient is still that of the
+    chosen label's own logit (default: the most probable label).
     """
     from imgclf.models.registry import logits_to_probs
 
@@ -64,7 +72,7 @@ def gradcam_batch(
     try:
         with torch.enable_grad():
             logits = model(x)
-            probs = logits_to_probs(logits.detach())[0]
+            probs = logits_to_probs(logits.detach(), multi_label=multi_label)[0]
             k = int(probs.argmax()) if class_index is None else int(class_index)
             # A single-logit (binary) head scores class 1 with +logit and class 0 with -logit.
             score = logits[0, 0] * (1 if k == 1 else -1) if logits.shape[1] == 1 else logits[0, k]
@@ -86,22 +94,33 @@ def _as_reusable(source: ImageSource) -> ImageSource:
     return source
 
 
+def _word(bundle: Bundle) -> str:
+    return "label" if bundle.multi_label else "class"
+
+
+def _plural(word: str) -> str:
+    return word + ("es" if word == "class" else "s")
+
+
 def _class_index(bundle: Bundle, class_index: int | None) -> int | None:
     if class_index is None:
         return None
     k = len(bundle.classes)
     if not 0 <= int(class_index) < k:
-        raise UnknownClassError(f"class index {class_index} out of range: this bundle has {k} classes")
+        w = _word(bundle)
+        raise UnknownClassError(f"{w} index {class_index} out of range: this bundle has {k} {_plural(w)}")
     return int(class_index)
 
 
 def class_index_of(bundle: Bundle, class_name: str) -> int:
-    """Index of ``class_name`` in the bundle; a clear error listing the classes otherwise."""
+    """Index of ``class_name`` (a class, or a label of a multi-label bundle); a one-line error
+    listing them otherwise."""
     try:
         return bundle.classes.index(class_name)
     except ValueError:
+        w = _word(bundle)
         raise UnknownClassError(
-            f"class {class_name!r} is not in this bundle; its classes are: {', '.join(bundle.classes)}"
+            f"{w} {class_name!r} is not in this bundle; its {_plural(w)} are: {', '.join(bundle.classes)}"
         ) from None
 
 
@@ -127,7 +146,7 @@ def gradcam(
     original = np.asarray(img, dtype=np.uint8)
     # The model input goes through the bundle's own recipe, exactly as predict does.
     x = normalize(torch.from_numpy(np.array(bundle.prepare(source)[None])), bundle.pre)
-    cam, used, _ = gradcam_batch(bundle.model, x, k)
+    cam, used, _ = gradcam_batch(bundle.model, x, k, multi_label=bundle.multi_label)
     h, w = original.shape[:2]
     up = F.interpolate(torch.from_numpy(cam)[None, None], size=(h, w), mode="bilinear", align_corners=False)
     heat = up[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32)
@@ -160,7 +179,42 @@ def explain_file(
     return png_bytes(overlay(original, heat, alpha=alpha)), bundle.classes[used], prob
 
 
+def labels_to_explain(bundle: Bundle, source: ImageSource, label: str | None = None) -> list[int]:
+    """Indices of the labels a multi-label map is drawn for: ``label`` when given, else every
+    predicted label (most probable first), else (an empty set) the most probable label."""
+    if label is not None:
+        return [class_index_of(bundle, label)]
+    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
+    if bundle.thresholds is None:
+        return [int(np.argmax(probs))]
+    on = np.flatnonzero(probs >= bundle.thresholds)
+    on = on[np.argsort(-probs[on], kind="stable")]
+    # An empty set still gets one map, so every image explains something; its line shows the
+    # probability, which is then below the label's threshold.
+    return [int(i) for i in on] if len(on) else [int(np.argmax(probs))]
+
+
+def explain_labels(
+    bundle: Bundle, source: ImageSource, label: str | None = None, alpha: float = 0.45
+) -> list[tuple[bytes, str, float]]:
+    """[(overlay PNG bytes, label explained, its probability)] for one image: one map per
+    predicted label of a multi-label bundle (or just ``label``); the predicted class otherwise."""
+    source = _as_reusable(source)
+    if not bundle.multi_label:
+        return [explain_file(bundle, source, label, alpha)]
+    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
+    out = []
+    for k in labels_to_explain(bundle, source, label):
+        heat, used, original = gradcam(bundle, source, k)
+        out.append(
+            (png_bytes(overlay(original, heat, alpha=alpha)), bundle.classes[used], float(probs[used]))
+        )
+    return out
+
+
 __all__ = [
+    "explain_labels",
+    "labels_to_explain",
     "UnknownClassError",
     "class_index_of",
     "explain_file",

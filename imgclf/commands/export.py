@@ -10,10 +10,12 @@ HELP = "export a bundle to ONNX, TorchScript, Core ML or TFLite (preprocessing i
 DESCRIPTION = (
     "Export a trained bundle for deployment. Every format takes the image already resized to "
     "the model's size as uint8 pixels (ONNX/TorchScript/TFLite: NHWC; Core ML: an image) and "
-    "returns class probabilities: scaling, mean/std and channel order are inside the model, and "
+    "returns class probabilities (a multi-label bundle: one sigmoid per label, with the per-label "
+    "thresholds in the metadata): scaling, mean/std and channel order are inside the model, and "
     "class names, input size, preprocessing and the bundle's sha256 are in its metadata. After "
     "exporting, the file is run on the check images (32 seeded random images, or --check) and "
-    "compared with the bundle in PyTorch; the exit code is 1 if top-1 differs on any image or a "
+    "compared with the bundle in PyTorch; the exit code is 1 if top-1 (multi-label: the predicted "
+    "label set) differs on any image or a "
     "probability differs by more than 1e-4. Core ML is converted and inspected here but can only "
     "predict on Apple platforms. Formats: onnx (also writes <name>.optimized.onnx, the graph "
     "after onnxruntime's optimiser; `imgclf predict model.onnx IMG` runs it directly), "
@@ -92,10 +94,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if res.int8 is not None:
         print(f"int8: {res.int8}")
-        c = res.int8
-        if c.acc_fp32 is not None and c.acc_int8 is not None and c.acc_int8 < c.acc_fp32 - 0.01:
+        drop = res.int8.drop()
+        if drop is not None and drop > 0.01:
+            what = "mAP" if res.int8.multi_label else "accuracy"
             print(
-                "imgclf export: error: int8 loses more than 1 point of accuracy; deploy the float32 "
+                f"imgclf export: error: int8 loses more than 1 point of {what}; deploy the float32 "
                 f"{res.path.name} (or calibrate on more typical images with --calibration)",
                 file=sys.stderr,
             )

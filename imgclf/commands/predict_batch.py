@@ -13,6 +13,9 @@ DESCRIPTION = (
     "path, path_bytes, label, probability, top_k (list of {label, probability}) and error\n"
     "(unreadable files). path is printable text (bytes of a name that are not UTF-8 shown as \\xNN);\n"
     "path_bytes is the name's raw bytes (os.fsdecode(path_bytes) opens the file).\n"
+    "A multi-label bundle writes path, path_bytes, labels (list of the predicted labels, most\n"
+    "probable first), one p_<label> probability column per label, and error; the labels and\n"
+    "their thresholds are in the file's schema metadata (imgclf.classes, imgclf.thresholds).\n"
     "Work is done in chunks written to OUT.parts/ and merged into OUT at the end, so memory stays\n"
     "bounded; running the same command again skips the paths already predicted in OUT (resume)\n"
     "and tries the files that failed before again.\n"
@@ -42,7 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray cluster to use: auto or ray://HEAD:10001 (default: a local one when --workers is set)",
     )
-    p.add_argument("--top-k", type=int, default=5, help="classes listed per image in top_k (default: 5)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=5,
+        help="classes listed per image in top_k (default: 5; single-label bundles)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per inference batch (default: 256)")
     p.add_argument(
         "--chunk-size",

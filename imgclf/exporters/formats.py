@@ -30,6 +30,7 @@ from imgclf.models.registry import logits_to_probs
 from imgclf.runtime.bundle import Bundle, atomic_write_bytes
 from imgclf.runtime.graph import (
     INPUT_NAME,
+    OUTPUT_NAME,
     ImageInputWrapper,
     InferenceWrapper,
     bundle_metadata,
@@ -38,6 +39,7 @@ from imgclf.runtime.graph import (
     onnx_model_bytes,
     quiet_tracing,
 )
+from imgclf.runtime.multilabel import predicted_sets
 
 FORMATS = ("onnx", "torchscript", "coreml", "tflite")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage", "tflite": ".tflite"}
@@ -45,18 +47,25 @@ SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "coreml": ".mlpackage", "tfli
 
 @dataclass
 class Parity:
-    """Exported model vs the bundle in PyTorch eager on the same uint8 images."""
+    """Exported model vs the bundle in PyTorch eager on the same uint8 images.
+
+    ``top1_agree`` counts images with the same top class; for a multi-label bundle
+    (``multi_label``) it counts images with the same predicted label set (each label's
+    probability against its threshold).
+    """
 
     n: int
     max_abs_diff: float
     top1_agree: int
+    multi_label: bool = False
 
     @property
     def ok(self) -> bool:
         return self.top1_agree == self.n and self.max_abs_diff <= 1e-4
 
     def __str__(self) -> str:
-        return f"top-1 agrees on {self.top1_agree}/{self.n} images, max |prob diff| {self.max_abs_diff:.2e}"
+        what = "label sets agree" if self.multi_label else "top-1 agrees"
+        return f"{what} on {self.top1_agree}/{self.n} images, max |prob diff| {self.max_abs_diff:.2e}"
 
 
 @dataclass
@@ -74,24 +83,36 @@ class ExportResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def compare(reference: np.ndarray, probs: np.ndarray) -> Parity:
-    """Parity of ``probs`` against ``reference`` (both (N, K))."""
+def compare(reference: np.ndarray, probs: np.ndarray, thresholds: np.ndarray | None = None) -> Parity:
+    """Parity of ``probs`` against ``reference`` (both (N, K)).
+
+    With ``thresholds`` (a multi-label bundle's, one per label) agreement means the same
+    predicted label set rather than the same top class.
+    """
     probs = np.asarray(probs, dtype=np.float32)
     if probs.shape != reference.shape:
         raise ExportError(f"exported model returned shape {probs.shape}, expected {reference.shape}")
+    if thresholds is not None:
+        same = (predicted_sets(probs, thresholds) == predicted_sets(reference, thresholds)).all(axis=1)
+        agree = int(same.sum())
+    else:
+        agree = int((probs.argmax(1) == reference.argmax(1)).sum())
     return Parity(
         n=len(reference),
         max_abs_diff=float(np.abs(probs - reference).max(initial=0.0)),
-        top1_agree=int((probs.argmax(1) == reference.argmax(1)).sum()),
+        top1_agree=agree,
+        multi_label=thresholds is not None,
     )
 
 
 def eager_probs(bundle: Bundle, images: np.ndarray) -> np.ndarray:
-    """Reference probabilities: the bundle's network in PyTorch eager, whatever its default backend."""
+    """Reference probabilities: the bundle's network in PyTorch eager, whatever its default backend
+    (sigmoids for a multi-label bundle, softmax otherwise)."""
     if bundle.model is None:
         raise ExportError(f"{bundle.path}: no PyTorch network to compare against")
     with torch.inference_mode():
-        return logits_to_probs(bundle.logits(torch.as_tensor(images)), bundle.temperature).float().numpy()
+        logits = bundle.logits(torch.as_tensor(images))
+        return logits_to_probs(logits, bundle.temperature, bundle.multi_label).float().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +242,9 @@ def export_coreml(bundle: Bundle, path: str | Path) -> ExportResult:
     The input is an ``ImageType`` (RGB or greyscale, at the model's size) with scale 1 and
     bias 0, so Core ML hands over raw 0-255 pixels and the graph's own normalize() step does
     the rest. Class labels are embedded with a ``ClassifierConfig``: outputs ``classLabel``
-    and ``classLabel_probs``.
+    and ``classLabel_probs``. A multi-label bundle is no single-answer classifier, so it gets
+    one float32 output ``probabilities`` (a sigmoid per label, in ``imgclf.classes`` order) and
+    its per-label thresholds in the metadata (``imgclf.thresholds``).
     """
     out = Path(path)
     if out.suffix != ".mlpackage":
@@ -234,13 +257,20 @@ def export_coreml(bundle: Bundle, path: str | Path) -> ExportResult:
         mlmodel = ct.convert(
             ts,
             inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, bundle.pre.channels, h, w), color_layout=layout)],
-            classifier_config=ct.ClassifierConfig(list(bundle.classes)),
+            # Core ML's classifier output is one argmax label over softmax-like scores, which is
+            # wrong for independent sigmoids: multi-label gets a plain named tensor instead.
+            **(
+                {"outputs": [ct.TensorType(name=OUTPUT_NAME)]}
+                if bundle.multi_label
+                else {"classifier_config": ct.ClassifierConfig(list(bundle.classes))}
+            ),
             convert_to="mlprogram",
             # float16 would cost parity with the trained model; iOS 15 is the ML Program minimum.
             compute_precision=ct.precision.FLOAT32,
             minimum_deployment_target=ct.target.iOS15,
         )
-    mlmodel.short_description = f"imgclf {bundle.meta.get('architecture', {}).get('name', '')} classifier"
+    kind = "multi-label classifier (sigmoid per label)" if bundle.multi_label else "classifier"
+    mlmodel.short_description = f"imgclf {bundle.meta.get('architecture', {}).get('name', '')} {kind}"
     mlmodel.input_description[INPUT_NAME] = (
         f"{bundle.pre.color_mode} image, {w}x{h} (resize it the way imgclf did: {bundle.pre.resize})"
     )
@@ -380,7 +410,8 @@ def check_parity(bundle: Bundle, result: ExportResult, images: np.ndarray) -> Pa
     if run is None:
         return None
     ref = eager_probs(bundle, images)
-    return compare(ref, np.concatenate([run(images[s : s + 64]) for s in range(0, len(images), 64)]))
+    probs = np.concatenate([run(images[s : s + 64]) for s in range(0, len(images), 64)])
+    return compare(ref, probs, bundle.thresholds)
 
 
 def default_out(bundle: Bundle, fmt: str) -> Path:
@@ -464,11 +495,12 @@ def _add_int8(
     res.extra.append(path)
     held = recorded_images(bundle, "test", 2000) or recorded_images(bundle, "val", 2000)
     fp32, q = OrtRunner(res.path), OrtRunner(path)
+    th = bundle.thresholds
     if held is not None:
-        res.int8 = compare_int8(fp32, q, held[0], held[1], "held-out images the model never trained on")
+        res.int8 = compare_int8(fp32, q, held[0], held[1], "held-out images the model never trained on", th)
     else:
         imgs = check_images if check_images is not None else calibration
-        res.int8 = compare_int8(fp32, q, imgs, None, "check images")
+        res.int8 = compare_int8(fp32, q, imgs, None, "check images", th)
 
 
 def images_for_check(bundle: Bundle, paths: Sequence[str], limit: int = 200) -> np.ndarray:

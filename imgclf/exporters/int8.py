@@ -6,7 +6,7 @@ output channel, uint8 activations whose ranges are calibrated on training images
 with AVX512-VNNI this cuts single-image latency by a third or more (bench/infer_speed.py).
 Quantization can change a prediction, so it is opt-in (``imgclf export --int8``) and the export
 reports accuracy and top-1 agreement against float32 on held-out images the model never
-trained on.
+trained on (for a multi-label bundle: mAP, exact-match accuracy and label-set agreement).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf.runtime.bundle import Bundle, atomic_write_bytes
+from imgclf.runtime.multilabel import multilabel_metrics, predicted_sets
 
 log = logging.getLogger("imgclf")
 
@@ -35,7 +36,12 @@ CALIBRATION_IMAGES = 256
 
 @dataclass
 class Int8Check:
-    """int8 vs float32 on the same images (labels optional)."""
+    """int8 vs float32 on the same images (labels optional).
+
+    Single-label: ``top1_agree`` counts the same top class, ``acc_*`` is top-1 accuracy.
+    Multi-label (``multi_label``): ``top1_agree`` counts the same predicted label set,
+    ``acc_*`` is exact-match accuracy (the whole set right) and ``map_*`` the mAP.
+    """
 
     n: int
     top1_agree: int
@@ -43,11 +49,27 @@ class Int8Check:
     acc_fp32: float | None = None
     acc_int8: float | None = None
     source: str = ""
+    multi_label: bool = False
+    map_fp32: float | None = None
+    map_int8: float | None = None
+
+    def drop(self) -> float | None:
+        """How much int8 loses on the labelled images: mAP for multi-label (threshold-free, so a
+        shifted threshold does not hide or exaggerate it), top-1 accuracy otherwise; None without labels."""
+        if self.multi_label:
+            a, b = self.map_fp32, self.map_int8
+        else:
+            a, b = self.acc_fp32, self.acc_int8
+        return None if a is None or b is None else a - b
 
     def __str__(self) -> str:
-        s = f"top-1 agrees with float32 on {self.top1_agree}/{self.n} {self.source}"
+        what = "label sets agree" if self.multi_label else "top-1 agrees"
+        s = f"{what} with float32 on {self.top1_agree}/{self.n} {self.source}"
+        if self.map_fp32 is not None and self.map_int8 is not None:
+            s += f"; mAP {self.map_fp32:.4f} (float32) -> {self.map_int8:.4f} (int8)"
         if self.acc_fp32 is not None and self.acc_int8 is not None:
-            s += f"; accuracy {self.acc_fp32 * 100:.2f}% (float32) -> {self.acc_int8 * 100:.2f}% (int8)"
+            name = "exact-match accuracy" if self.multi_label else "accuracy"
+            s += f"; {name} {self.acc_fp32 * 100:.2f}% (float32) -> {self.acc_int8 * 100:.2f}% (int8)"
         return s
 
 
@@ -57,7 +79,8 @@ def recorded_images(
     """Up to ``limit`` (stratified) decoded images + labels of the training run's ``split``.
 
     Uses the data source recorded in the bundle and the run's splits.json (or the source's
-    official split); None when either is no longer available.
+    official split); None when either is no longer available. For a multi-label bundle the
+    labels are the (N, L) multi-hot targets, indexed the way training did (``label_sep``).
     """
     from imgclf.data import sources as D
     from imgclf.runtime.bundle import recorded_splits
@@ -65,8 +88,10 @@ def recorded_images(
     src = bundle.meta.get("data_source")
     if not src:
         return None
+    cfg = bundle.meta.get("train_config") or {}
+    kw = {"multi_label": True, "label_sep": cfg.get("label_sep")} if bundle.multi_label else {}
     try:
-        index = D.index_source(src)
+        index = D.index_source(src, **kw)
     except (D.DataError, OSError):
         return None
     if list(index.classes) != list(bundle.classes):
@@ -82,7 +107,9 @@ def recorded_images(
     if len(idx) > limit:
         idx = idx[D.stratified_subset(index.labels[idx], limit, seed)]
     dec = D.decode_items(index, idx, bundle.pre, progress=False)
-    return (dec.images, dec.labels) if len(dec.labels) else None
+    if not len(dec.labels):
+        return None
+    return (dec.images, dec.targets) if bundle.multi_label else (dec.images, dec.labels)
 
 
 class _ConvPlusMap(nn.Module):
@@ -186,18 +213,38 @@ def quantize_int8(fp32_onnx: bytes, calibration: np.ndarray, out: str | Path) ->
 
 
 def compare_int8(
-    fp32: Any, int8: Any, images: np.ndarray, labels: np.ndarray | None = None, source: str = ""
+    fp32: Any,
+    int8: Any,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    source: str = "",
+    thresholds: np.ndarray | None = None,
 ) -> Int8Check:
-    """Run both ``uint8 NHWC -> probs`` functions on ``images`` and compare."""
+    """Run both ``uint8 NHWC -> probs`` functions on ``images`` and compare.
+
+    ``thresholds`` (a multi-label bundle's) compares predicted label sets, and ``labels`` are
+    then (N, L) multi-hot targets scored by mAP and exact match; otherwise class indices.
+    """
     p32 = np.concatenate([fp32(images[s : s + 64]) for s in range(0, len(images), 64)])
     p8 = np.concatenate([int8(images[s : s + 64]) for s in range(0, len(images), 64)])
+    if thresholds is None:
+        agree = int((p32.argmax(1) == p8.argmax(1)).sum())
+    else:
+        agree = int((predicted_sets(p32, thresholds) == predicted_sets(p8, thresholds)).all(axis=1).sum())
     chk = Int8Check(
         n=len(images),
-        top1_agree=int((p32.argmax(1) == p8.argmax(1)).sum()),
+        top1_agree=agree,
         max_abs_diff=float(np.abs(p32 - p8).max()),
         source=source,
+        multi_label=thresholds is not None,
     )
-    if labels is not None:
+    if labels is not None and thresholds is not None:
+        names = [str(j) for j in range(p32.shape[1])]
+        m32 = multilabel_metrics(p32, labels, thresholds, names)
+        m8 = multilabel_metrics(p8, labels, thresholds, names)
+        chk.map_fp32, chk.map_int8 = m32["mAP"], m8["mAP"]
+        chk.acc_fp32, chk.acc_int8 = m32["exact_match"], m8["exact_match"]
+    elif labels is not None:
         chk.acc_fp32 = float((p32.argmax(1) == labels).mean())
         chk.acc_int8 = float((p8.argmax(1) == labels).mean())
     return chk

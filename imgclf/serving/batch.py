@@ -1,7 +1,8 @@
 r"""Batch prediction of many images into one Parquet file: streaming, bounded memory, resumable.
 
 Two engines produce the same rows (``path, path_bytes, label, probability, top_k, unknown, ood_score,
-error``):
+error``; for a multi-label bundle ``path, path_bytes, labels, p_<label>..., error``, see
+:func:`schema`):
 
 * local (default): this process decodes with a thread pool and predicts chunk by chunk;
 * Ray Data (``workers=N``, ``pip install 'imgclf[ray]'``): the list of paths becomes a Ray
@@ -22,6 +23,7 @@ the name as printable UTF-8 text (bytes that are not UTF-8 written as ``\xNN``, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -56,9 +58,35 @@ def _require_pyarrow() -> Any:
     return pa
 
 
-def schema() -> Any:
-    """The Parquet schema of a predictions file."""
+PROB_PREFIX = "p_"
+
+
+def schema(bundle: Bundle | None = None) -> Any:
+    """The Parquet schema of a predictions file (single-label unless ``bundle`` is multi-label).
+
+    Multi-label: ``labels`` (list<string>, the predicted set, most probable first; empty when no
+    label reaches its threshold, null when the file failed) and one float32 column
+    ``p_<label>`` per label in the bundle's order. Separate columns rather than one list column:
+    each is self-describing (no class order to look up), filterable with Parquet predicate
+    pushdown (``filters=[("p_red", ">", 0.9)]``) and readable column by column, and they match
+    ``imgclf predict --csv``. The labels and thresholds also ride in the schema metadata
+    (``imgclf.classes``, ``imgclf.thresholds``) so a set can be re-derived at other thresholds.
+    """
     pa = _require_pyarrow()
+    if bundle is not None and bundle.multi_label:
+        fields = [
+            ("path", pa.string()),
+            ("path_bytes", pa.binary()),
+            ("labels", pa.list_(pa.string())),
+            *((PROB_PREFIX + c, pa.float32()) for c in bundle.classes),
+            ("error", pa.string()),
+        ]
+        meta = {
+            "imgclf.task": "multi-label",
+            "imgclf.classes": json.dumps(bundle.classes),
+            "imgclf.thresholds": json.dumps([float(t) for t in bundle.thresholds]),
+        }
+        return pa.schema(fields, metadata=meta)
     top = pa.struct([("label", pa.string()), ("probability", pa.float32())])
     return pa.schema(
         [
@@ -76,7 +104,10 @@ def schema() -> Any:
 
 
 def predict_table(bundle: Bundle, paths: Sequence[str], *, top_k: int = 5, threads: int = 1) -> Any:
-    """Decode and predict ``paths``; one row per path, unreadable files carry ``error``."""
+    """Decode and predict ``paths``; one row per path, unreadable files carry ``error``.
+
+    The columns are :func:`schema` of ``bundle`` (``top_k`` applies to single-label bundles).
+    """
     pa = _require_pyarrow()
 
     def load(p: str) -> np.ndarray | str:
@@ -93,20 +124,21 @@ def predict_table(bundle: Bundle, paths: Sequence[str], *, top_k: int = 5, threa
     else:
         loaded = [load(p) for p in paths]
     ok = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+    failed = {"labels": None} if bundle.multi_label else {"label": None, "probability": None, "top_k": []}
     rows: list[dict[str, Any]] = [
-        {"label": None, "probability": None, "top_k": [], "error": display_path(x)}
-        if isinstance(x, str)
-        else {}
-        for x in loaded
+        {**failed, "error": display_path(x)} if isinstance(x, str) else {} for x in loaded
     ]
     if ok:
         probs, scores = bundle.predict_scored(np.stack([loaded[i] for i in ok]))
         for i, r in zip(ok, bundle.top_k(probs, top_k, scores)):
+            if bundle.multi_label:
+                p = r.pop("probabilities")
+                r.update({PROB_PREFIX + c: p[c] for c in bundle.classes})
             rows[i] = {**r, "error": None}
     for p, r in zip(paths, rows):
         # Parquet text must be UTF-8: the name as printable text, plus its raw bytes for opening it.
         r["path"], r["path_bytes"] = display_path(p), os.fsencode(p)
-    return pa.Table.from_pylist(rows, schema=schema())
+    return pa.Table.from_pylist(rows, schema=schema(bundle))
 
 
 @dataclass
@@ -191,10 +223,34 @@ def _write_part(table: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def merge_parts(out: Path, drop: set[bytes] | None = None) -> int:
+def check_compatible(out: Path, sch: Any) -> None:
+    """A DataError when ``out`` or a part holds predictions of another kind of model than ``sch``'s
+    (single- vs multi-label, or other labels): merging would drop or invent columns."""
+    import pyarrow.parquet as pq
+
+    want = set(sch.names)
+    # Columns that older single-label files may lack; _conform fills them in.
+    optional = {"path_bytes", "unknown", "ood_score"}
+    for f in ([out] if out.exists() else []) + _part_files(out):
+        try:
+            have = set(pq.ParquetFile(f).schema_arrow.names)
+        except Exception:  # unreadable: _done_paths reports it (output) or discards it (part)
+            continue
+        if not (want - optional) <= have or (
+            "labels" in want and have - {"path_bytes"} != want - {"path_bytes"}
+        ):
+            cols = sorted(have)
+            raise DataError(
+                f"{f}: holds predictions of another model (columns {', '.join(cols[:8])}"
+                f"{', ...' if len(cols) > 8 else ''}); choose another --out or delete it"
+            )
+
+
+def merge_parts(out: Path, drop: set[bytes] | None = None, sch: Any = None) -> int:
     """Stream ``out`` (if any) and every part into a new ``out``; returns the row count.
 
     ``drop``: raw paths whose error rows are left out (files about to be tried again).
+    ``sch``: the file's schema (:func:`schema` of the bundle; default single-label).
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -203,15 +259,16 @@ def merge_parts(out: Path, drop: set[bytes] | None = None) -> int:
     parts = _part_files(out)
     if not parts and not drop and out.exists():
         return pq.ParquetFile(out).metadata.num_rows
+    sch = sch if sch is not None else schema()
     sources = ([out] if out.exists() else []) + parts
     drop_keys = pa.array(sorted(drop or ()), type=pa.binary())
     tmp = out.with_name(f".{out.name}.merge.tmp")
     n = 0
-    with pq.ParquetWriter(tmp, schema()) as w:
+    with pq.ParquetWriter(tmp, sch) as w:
         for src in sources:
             pf = pq.ParquetFile(src)
             for rb in pf.iter_batches(batch_size=65536):  # one row group at a time: bounded memory
-                tb = _conform(rb)
+                tb = _conform(rb, sch)
                 if len(drop_keys):
                     retry = pc.and_(
                         pc.is_in(tb.column("path_bytes"), value_set=drop_keys), pc.is_valid(tb["error"])
@@ -224,8 +281,8 @@ def merge_parts(out: Path, drop: set[bytes] | None = None) -> int:
     return n
 
 
-def _conform(rb: Any) -> Any:
-    """A batch from any part as a table of exactly :func:`schema` (Ray may widen or reorder).
+def _conform(rb: Any, sch: Any) -> Any:
+    """A batch from any part as a table of exactly ``sch`` (Ray may widen or reorder).
 
     Files written before ``path_bytes`` existed get it from ``path`` (then always UTF-8).
     """
@@ -235,9 +292,8 @@ def _conform(rb: Any) -> Any:
     t = pa.Table.from_batches([rb])
     if "path_bytes" not in t.column_names:
         t = t.append_column("path_bytes", pc.cast(t.column("path"), pa.binary()))
-    sch = schema()
     for name in ("unknown", "ood_score"):  # parts written before unknown-image rejection existed
-        if name not in t.column_names:
+        if name in sch.names and name not in t.column_names:
             t = t.append_column(name, pa.nulls(len(t), sch.field(name).type))
     return pa.table([t.column(f.name).cast(f.type) for f in sch], schema=sch)
 
@@ -368,6 +424,8 @@ def predict_dataset(
     if not files:
         raise DataError(f"no image files under {', '.join(inputs)}")
     files = [str(Path(f).resolve()) for f in files]
+    sch = schema(b)
+    check_compatible(out, sch)
     done, failed_before = _done_paths(out)
     keys = [os.fsencode(f) for f in files]
     todo = [f for f, k in zip(files, keys) if k not in done]
@@ -376,7 +434,7 @@ def predict_dataset(
     if retry:
         log.info("trying again %d file(s) that failed in an earlier run", len(retry))
         # Their error rows go now, so a crash before the retry is written leaves them still to do.
-        merge_parts(out, drop=retry)
+        merge_parts(out, drop=retry, sch=sch)
     pdir = parts_dir(out)
     pdir.mkdir(exist_ok=True)
     engine = "local"
@@ -405,7 +463,7 @@ def predict_dataset(
                 chunk=max(chunk, batch_size),
                 progress=progress,
             )
-    merge_parts(out)
+    merge_parts(out, sch=sch)
     return BatchSummary(
         out, len(files), len(todo), already, failed, len(retry), time.time() - t0, engine, skipped
     )
