@@ -96,3 +96,32 @@ def test_page_uploads_real_photo_and_shows_label(browser, sign_bundle, sign_dir,
         bad.write_text("this is not a photo")
         browser.find_element(By.ID, "file-input").send_keys(str(bad))
         wait.until(lambda d: "not an image" in d.find_element(By.CSS_SELECTOR, ".card .error").text)
+
+
+def test_page_shows_label_sets_with_thresholds(browser, multilabel_bundle, colour_garment_dir):
+    """Multi-label: the card names the predicted set; one bar per label, each with its threshold mark."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bundle = load_bundle(multilabel_bundle)
+    photos = [sorted((colour_garment_dir / "test" / c).iterdir())[0] for c in ("red_trouser", "blue_bag")]
+    expected = {p.name: r["labels"] for p, r in zip(photos, bundle.predict([str(p) for p in photos]))}
+
+    with serve_in_thread(create_app(bundle)) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model-info"), "labels (multi-label)"))
+        browser.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in photos))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card .pred-label")) == len(photos))
+        for c in browser.find_elements(By.CSS_SELECTOR, ".card"):
+            name = c.find_element(By.CSS_SELECTOR, ".name").text
+            want = expected[name]
+            assert c.find_element(By.CSS_SELECTOR, ".pred-label").text == (", ".join(want) or "no label")
+            assert len(c.find_elements(By.CSS_SELECTOR, ".bar-row")) == len(bundle.classes)
+            assert len(c.find_elements(By.CSS_SELECTOR, ".bar i.threshold")) == len(bundle.classes)
+            on = [
+                r.find_element(By.CSS_SELECTOR, ".lbl").text
+                for r in c.find_elements(By.CSS_SELECTOR, ".bar-row.top")
+            ]
+            assert sorted(on) == sorted(want)

@@ -305,3 +305,24 @@ def test_streaming_from_the_store_keeps_label_sets(colour_garment_dir: Path, tmp
         runs[stream] = train(cfg, progress=False)
     assert runs["on"].metrics["test_mAP"] == runs["off"].metrics["test_mAP"]
     assert runs["on"].history[-1]["train_loss"] == runs["off"].history[-1]["train_loss"]
+
+
+def test_server_json_equals_predict(multilabel_bundle: Path, colour_garment_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from imgclf.runtime.bundle import load_bundle
+    from imgclf.runtime.predict import predict_files
+    from imgclf.serving.app import create_app
+
+    files = sorted(str(p) for p in (colour_garment_dir / "test").glob("*/*.png"))[::7][:6]
+    bundle = load_bundle(multilabel_bundle)
+    local = [r.to_dict() for r in predict_files(bundle, files)]
+    with TestClient(create_app(load_bundle(multilabel_bundle))) as c:
+        info = c.get("/v1/model").json()
+        assert info["task"] == "multi-label" and info["thresholds"] == bundle.meta["thresholds"]
+        got = c.post(
+            "/v1/predict", files=[("file", (Path(f).name, Path(f).read_bytes(), "image/png")) for f in files]
+        ).json()["predictions"]
+    for want, r in zip(local, got):
+        assert r["labels"] == want["labels"]
+        assert r["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)

@@ -590,6 +590,8 @@ async def model_info(request: Request) -> dict[str, Any]:
         "created": m.get("created"),
         "calibration": m.get("calibration"),
         "unknown_rejection": m.get("ood"),
+        "task": m.get("task", "single-label"),
+        "thresholds": m.get("thresholds"),
         "batching": {"max_batch": st.batcher.max_batch, "max_wait_ms": st.batcher.max_wait * 1000},
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,

@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { items: [] }; // {file, url, camUrl, card}
+const state = { items: [], thresholds: null }; // items: {file, url, camUrl, card}; thresholds: multi-label
 
 function setStatus(text, isError = false) {
   const el = $("#status");
@@ -28,12 +28,14 @@ async function loadModelInfo() {
   try {
     const resp = await fetch("/v1/model");
     const m = await resp.json();
+    if (m.task === "multi-label") state.thresholds = Object.fromEntries(m.classes.map((c, i) => [c, m.thresholds[i]]));
     const size = m.input && m.input.size ? m.input.size.join("×") : "?";
     const mm = m.metrics || {};
     const which = mm.test_accuracy != null ? "test" : (mm.val_accuracy != null ? "validation" : null);
     const acc = which ? ` · ${which} accuracy ${pct(mm[`${which === "test" ? "test" : "val"}_accuracy`])}` : "";
     $("#model-info").textContent =
-      `${m.architecture} · ${m.classes.length} classes · input ${size}${acc} · ${m.sha256.slice(0, 12)}`;
+      `${m.architecture} · ${m.classes.length} ${state.thresholds ? "labels (multi-label)" : "classes"} · ` +
+      `input ${size}${acc} · ${m.sha256.slice(0, 12)}`;
   } catch (e) {
     $("#model-info").textContent = "could not load model information";
   }
@@ -57,7 +59,52 @@ function makeCard(file) {
   return { card, img, pred, bars };
 }
 
+function barRow(name, prob, on, threshold) {
+  const row = document.createElement("div");
+  row.className = "bar-row" + (on ? " top" : "");
+  const lbl = document.createElement("span");
+  lbl.className = "lbl";
+  lbl.textContent = name;
+  lbl.title = name;
+  const bar = document.createElement("div");
+  bar.className = "bar";
+  const fill = document.createElement("span");
+  fill.style.width = `${Math.max(0, Math.min(100, prob * 100))}%`;
+  bar.append(fill);
+  if (threshold != null) {
+    // Multi-label: the label is predicted when its bar reaches this mark.
+    const mark = document.createElement("i");
+    mark.className = "threshold";
+    mark.style.left = `${Math.max(0, Math.min(100, threshold * 100))}%`;
+    mark.title = `threshold ${pct(threshold)}`;
+    bar.append(mark);
+  }
+  const num = document.createElement("span");
+  num.className = "pct";
+  num.textContent = pct(prob);
+  row.append(lbl, bar, num);
+  return row;
+}
+
+function showLabelSet(item, p) {
+  // Multi-label: the predicted set, then one bar per label with its threshold marked.
+  item.pred.textContent = "";
+  const label = document.createElement("span");
+  label.className = "pred-label";
+  label.textContent = p.labels.length ? p.labels.join(", ") : "no label";
+  item.pred.append(label);
+  item.bars.textContent = "";
+  const on = new Set(p.labels);
+  Object.entries(p.probabilities)
+    .sort((a, b) => b[1] - a[1])
+    .forEach(([name, prob]) => {
+      const th = state.thresholds ? state.thresholds[name] : null;
+      item.bars.append(barRow(name, prob, on.has(name), th));
+    });
+}
+
 function showPrediction(item, p) {
+  if (Array.isArray(p.labels)) return showLabelSet(item, p);
   item.pred.textContent = "";
   const label = document.createElement("span");
   label.className = "pred-label";
@@ -73,24 +120,7 @@ function showPrediction(item, p) {
     item.card.classList.add("is-unknown");
   }
   item.bars.textContent = "";
-  p.top_k.forEach((t, i) => {
-    const row = document.createElement("div");
-    row.className = "bar-row" + (i === 0 ? " top" : "");
-    const lbl = document.createElement("span");
-    lbl.className = "lbl";
-    lbl.textContent = t.label;
-    lbl.title = t.label;
-    const bar = document.createElement("div");
-    bar.className = "bar";
-    const fill = document.createElement("span");
-    fill.style.width = `${Math.max(0, Math.min(100, t.probability * 100))}%`;
-    bar.append(fill);
-    const num = document.createElement("span");
-    num.className = "pct";
-    num.textContent = pct(t.probability);
-    row.append(lbl, bar, num);
-    item.bars.append(row);
-  });
+  p.top_k.forEach((t, i) => item.bars.append(barRow(t.label, t.probability, i === 0, null)));
 }
 
 function showError(item, text) {
