@@ -46,9 +46,9 @@ HASH_SIZE = 16  # phash side: 16x16 = 256 bits
 
 NEAR_THRESHOLD = 22  # max differing bits (of 256) for a near-duplicate; see the module docstring
 
-# Below this many hashes the exact all-pairs search is as fast as building an index (measured by
-# bench/scale_doctor.py: see bench/results/scale_doctor.json, "cutover").
-INDEX_MIN_ITEMS = 8000
+# Below this many hashes exact all-pairs is as fast as building an index: bench/scale_doctor.py
+# measured 0.18 s each at 2,000 hashes, exact 0.36 / index 0.32 s at 3,000, 1.45 / 0.39 s at 8,000.
+INDEX_MIN_ITEMS = 3000
 
 IVF_NPROBE = 16  # inverted lists visited per query; 8 already missed 2 of 627 pairs at 140k
 IVF_TRAIN_PER_LIST = 40  # k-means sample: this many hashes per list (faiss' own minimum is 39)
@@ -227,20 +227,36 @@ def near_pairs_indexed(
     *,
     nprobe: int = IVF_NPROBE,
     seed: int = 0,
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs within ``threshold`` bits via a faiss binary inverted-file index, as :func:`near_pairs` gives.
 
     Approximate: a pair whose hashes fall in lists more than ``nprobe`` apart is missed.
+    ``threads``: faiss' OpenMP threads for this call. One by default: on a busy 2-core machine two
+    spin-waiting OpenMP threads made it 3-10x slower, and hashing (the scan) costs 5-10x more anyway.
     """
-    from tqdm import tqdm
-
     faiss = _faiss()
     if faiss is None:
         raise ImportError("faiss is not installed")
     n = len(hashes)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    h = np.ascontiguousarray(hashes, dtype=np.uint8)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, threads))
+    try:
+        return _ivf_pairs(
+            faiss, np.ascontiguousarray(hashes, dtype=np.uint8), threshold, progress, nprobe, seed
+        )
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _ivf_pairs(
+    faiss: Any, h: np.ndarray, threshold: int, progress: bool, nprobe: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    n = len(h)
     d_bits = h.shape[1] * 8
     nlist = max(1, min(int(np.sqrt(n)), n // 39))  # 39 a list: faiss warns below that
     ix = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d_bits), d_bits, nlist)
