@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +104,12 @@ def _phash(img: Image.Image) -> np.ndarray:
     return np.packbits(imagehash.phash(img, hash_size=HASH_SIZE).hash.ravel())
 
 
-def _scan_file(i: int, path: str, near: bool, max_pixels: int | None) -> ItemInfo:
+def _scan_file(
+    i: int, path: str, near: bool, max_pixels: int | None, reader: Callable[[str], bytes] | None = None
+) -> ItemInfo:
     info = ItemInfo(i)
     try:
-        blob = Path(path).read_bytes()
+        blob = reader(path) if reader else Path(path).read_bytes()
     except OSError as e:
         info.error, info.detail = "cannot read file", str(e)
         return info
@@ -157,10 +160,10 @@ def scan(
         def work(i: int) -> ItemInfo:
             return _scan_array(i, arrays[i], near)
     else:
-        items = index.items
+        items, reader = index.items, index.reader
 
         def work(i: int) -> ItemInfo:
-            return _scan_file(i, items[i], near, max_pixels)
+            return _scan_file(i, items[i], near, max_pixels, reader)
 
     # Threads: PIL and hashlib release the GIL while decoding and hashing. Executor.map submits
     # every task at once, so chunks keep the number of pending futures (and their bytes) bounded.

@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,7 @@ class SourceIndex:
     root: str = ""
     arrays: np.ndarray | None = None  # built-ins: uint8 (N, H, W)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    reader: Callable[[str], bytes] | None = None  # item -> bytes for items not on disk (tar members)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -319,6 +321,11 @@ def index_source(spec: str, cache_dir: str | None = None) -> SourceIndex:
         return index_digits()
     if spec in IDX_MD5:
         return index_idx(spec, cache_dir)
+    from imgclf.data import tarsource
+
+    if tarsource.is_tar_spec(spec):
+        t = tarsource.list_tars(spec)
+        return SourceIndex(t.name, "tar", t.classes, t.items, t.labels, t.split, 3, t.root, reader=t.read)
     p = Path(spec)
     if p.is_dir() and _has_idx(p):
         return index_idx(spec, cache_dir)
@@ -410,7 +417,7 @@ def decode_items(
     def work(j: int) -> tuple[int, np.ndarray | None, str]:
         path = index.items[idx[j]]
         try:
-            blob = Path(path).read_bytes()
+            blob = index.reader(path) if index.reader else Path(path).read_bytes()
         except OSError as e:
             return j, None, f"cannot read file ({e})"
         key = content_hash(blob) if cache else ""
