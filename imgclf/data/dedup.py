@@ -48,7 +48,8 @@ HASH_SIZE = 16  # phash side: 16x16 = 256 bits
 NEAR_THRESHOLD = 22  # max differing bits (of 256) for a near-duplicate; see the module docstring
 
 # Below this many hashes exact all-pairs is as fast as building an index: bench/scale_doctor.py
-# measured 0.18 s each at 2,000 hashes, exact 0.36 / index 0.32 s at 3,000, 1.45 / 0.39 s at 8,000.
+# measured exact 0.14-0.18 / index 0.19-0.20 s at 2,000 hashes, 0.26-0.36 / 0.30-0.32 s at 3,000
+# (two runs), 1.5-2.2 / 0.4-0.6 s at 8,000.
 INDEX_MIN_ITEMS = 3000
 
 IVF_NPROBE = 16  # inverted lists visited per query; 8 already missed 2 of 627 pairs at 140k
