@@ -693,7 +693,8 @@ def _thumb(index: D.SourceIndex, i: int, side: int = 96) -> str:
         if index.arrays is not None:
             img = Image.fromarray(index.arrays[i]).convert("RGB")
         else:
-            img = open_image(index.items[i], channels=3, size=(side, side))
+            src = index.reader(index.items[i]) if index.reader else index.items[i]
+            img = open_image(src, channels=3, size=(side, side))
         img.thumbnail((side, side))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=80)

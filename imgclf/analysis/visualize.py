@@ -57,8 +57,9 @@ def source_image(index, i: int, max_side: int = 160) -> np.ndarray:  # noqa: ANN
     if index.arrays is not None:
         return to_rgb(index.arrays[i])
     try:
-        img = open_image(index.items[i], channels=3, size=(max_side, max_side))
-    except ImageDecodeError:
+        src = index.reader(index.items[i]) if index.reader else index.items[i]
+        img = open_image(src, channels=3, size=(max_side, max_side))
+    except (ImageDecodeError, OSError):  # OSError: a tar member that cannot be read
         return np.full((max_side, max_side, 3), 128, dtype=np.uint8)
     img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

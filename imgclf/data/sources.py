@@ -13,6 +13,7 @@ import logging
 import os
 import struct
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ class SourceIndex:
     # Multi-label sources: (N, L) uint8 multi-hot over ``classes`` (the label names); ``labels``
     # then holds a stratification key per item (its label set's id), not a class index.
     targets: np.ndarray | None = None
+    reader: Callable[[str], bytes] | None = None  # item -> bytes for items not on disk (tar members)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -488,6 +490,14 @@ def index_source(
     p = Path(spec)
     if p.suffix.lower() in MANIFEST_SUFFIXES and p.is_file():
         return index_manifest(p, multi_label)
+    from imgclf.data import tarsource
+
+    if tarsource.is_tar_spec(spec):
+        if multi_label:
+            raise DataError(f"--data {spec}: tar shards are single-label; for --multi-label give label-set "
+                            "folders or a labels file (path,labels)")  # fmt: skip
+        t = tarsource.list_tars(spec)
+        return SourceIndex(t.name, "tar", t.classes, t.items, t.labels, t.split, 3, t.root, reader=t.read)
     if multi_label:
         if spec in BUILTINS or (p.is_dir() and _has_idx(p)):
             raise DataError(f"--data {spec}: a single-label dataset; --multi-label needs label-set folders "
@@ -591,7 +601,7 @@ def decode_items(
     def work(j: int) -> tuple[int, np.ndarray | None, str]:
         path = index.items[idx[j]]
         try:
-            blob = Path(path).read_bytes()
+            blob = index.reader(path) if index.reader else Path(path).read_bytes()
         except OSError as e:
             return j, None, f"cannot read file ({e})"
         key = content_hash(blob) if cache else ""

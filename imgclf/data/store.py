@@ -421,6 +421,18 @@ def build_store(
                 def work(i: int) -> Result:
                     # Runs in a pool thread: reads the index, never writes it (the main thread does).
                     path = index.items[i]
+                    if index.reader is not None:  # tar members: no file to stat, read by byte range
+                        try:
+                            blob = index.reader(path)
+                        except OSError as e:
+                            return None, None, f"cannot read file ({e})", None
+                        k = D.content_hash(blob)
+                        if k in rows or k in bad:
+                            return k, None, bad.get(k, ""), None
+                        try:
+                            return k, load_uint8(blob, pre, max_pixels=mp, name=path), "", None
+                        except ImageDecodeError as e:
+                            return k, None, e.reason + (f" ({e.detail})" if e.detail else ""), None
                     try:
                         st = os.stat(path)
                         # Same size and mtime as when hashed: trust the hash, skip reading the file.

@@ -108,8 +108,11 @@ def _native_side(index: D.SourceIndex, sample: int = 200) -> tuple[int, int]:
     sides = []
     for path in index.items[::step][:sample]:
         try:
-            with open(path, "rb") as f:
-                size = image_size(f.read())
+            if index.reader:  # tar members
+                size = image_size(index.reader(path))
+            else:
+                with open(path, "rb") as f:
+                    size = image_size(f.read())
         except OSError:
             size = None
         if size:

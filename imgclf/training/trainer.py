@@ -457,7 +457,7 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
     groups = None
     report: dict[str, Any] = {}
     usable = np.arange(len(index))
-    if index.kind == "folder" and cfg.dedup != "off":
+    if index.kind in ("folder", "tar") and cfg.dedup != "off":
         try:
             from imgclf.data.dedup import dedup_for_training
         except ImportError:

@@ -1,0 +1,176 @@
+"""WebDataset-style ``.tar`` shards as a ``--data`` source.
+
+A shard holds samples as members sharing a key: ``key.jpg`` (or png, webp, ...) plus ``key.cls``
+(a class name or a class index, as text) or ``key.json`` (an object with ``label``, ``cls`` or
+``class``). ``--data`` names one shard, a glob of shards or a folder holding them (and no
+sub-folders). Listing reads the tar headers once and remembers each image's byte range, so
+decoding any subset in any order (what :func:`imgclf.data.sources.decode_items` and the splits
+need) is one seek and one read; the ``webdataset`` package streams shards in order instead, which
+fits a training loop but not random subsets, so plain :mod:`tarfile` lists them here.
+
+Items are ``<shard path>::<member name>``. This module does not import :mod:`imgclf.data.sources`
+(sources imports it: the layer test forbids cycles), so :func:`list_tars` returns a
+:class:`TarListing` that ``index_source`` turns into a ``SourceIndex``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.core.errors import DataError
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pnm"}
+LABEL_EXTS = ("cls", "json")
+JSON_LABEL_KEYS = ("label", "cls", "class")
+MAX_LABEL_BYTES = 1 << 16  # a .cls/.json label is a few bytes; refuse to read a huge one
+SEP = "::"
+
+
+def is_tar_spec(spec: str) -> bool:
+    """Whether ``spec`` names .tar shards: a .tar file, a glob ending in .tar, or a folder of them."""
+    if spec.endswith(".tar"):
+        return True
+    p = Path(spec)
+    if p.is_dir():
+        try:
+            children = list(p.iterdir())
+        except OSError:
+            return False
+        # A folder of class folders with a stray .tar in it stays a folder source.
+        has_dirs = any(c.is_dir() and not c.name.startswith(".") for c in children)
+        return not has_dirs and any(c.suffix == ".tar" and c.is_file() for c in children)
+    return False
+
+
+def shard_paths(spec: str) -> list[Path]:
+    """The shards ``spec`` names, sorted; DataError when there are none."""
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(c for c in p.iterdir() if c.suffix == ".tar" and c.is_file())
+    elif glob.has_magic(spec):
+        found = sorted(Path(f) for f in glob.glob(spec) if f.endswith(".tar") and os.path.isfile(f))
+    else:
+        found = [p] if p.is_file() else []
+    if not found:
+        raise DataError(f"--data {spec!r}: no .tar shards found")
+    return found
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's key rule: everything before the first dot of the base name is the key."""
+    d, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower() if dot else ""
+
+
+def _label_text(shard: Path, name: str, ext: str, raw: bytes) -> str:
+    if ext == "cls":
+        text = raw.decode("utf-8", "replace").strip()
+    else:
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{shard}: {name} is not valid JSON ({e})") from e
+        val = next((obj[k] for k in JSON_LABEL_KEYS if isinstance(obj, dict) and k in obj), None)
+        if val is None or isinstance(val, (dict, list)):
+            raise DataError(f"{shard}: {name} has no label (expected one of {', '.join(JSON_LABEL_KEYS)})")
+        text = str(val).strip()
+    if not text:
+        raise DataError(f"{shard}: {name} is an empty label")
+    return text
+
+
+@dataclass
+class TarListing:
+    """Samples of a set of shards: item ids, label texts resolved to classes, byte ranges."""
+
+    name: str
+    root: str
+    classes: list[str]
+    items: list[str]
+    labels: np.ndarray
+    ranges: dict[str, tuple[str, int, int]]  # item -> (shard path, data offset, size)
+
+    @property
+    def split(self) -> np.ndarray:
+        """No predefined split: "" per item, as a SourceIndex wants."""
+        return np.full(len(self.items), "", dtype=object)
+
+    def read(self, item: str) -> bytes:
+        """The bytes of one image member (OSError when the shard changed or went away)."""
+        path, offset, size = self.ranges[item]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{path}: {item.rpartition(SEP)[2]} is cut short")
+        return data
+
+
+def _list_shard(shard: Path) -> list[tuple[str, str, int, int]]:
+    """(member name, label text, data offset, size) per image of one shard."""
+    size = shard.stat().st_size
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, str] = {}
+    try:
+        with tarfile.open(shard, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                if m.offset_data + m.size > size:
+                    raise DataError(f"{shard}: truncated ({m.name} runs past the end of the file)")
+                key, ext = _split_name(m.name)
+                if ext in IMAGE_EXTS:
+                    images[key] = m
+                elif ext in LABEL_EXTS and key not in labels:
+                    if m.size > MAX_LABEL_BYTES:
+                        raise DataError(f"{shard}: {m.name} is {m.size} bytes, too big for a label")
+                    f = tf.extractfile(m)
+                    labels[key] = _label_text(shard, m.name, ext, f.read() if f else b"")
+    except (tarfile.TarError, EOFError) as e:
+        raise DataError(f"{shard}: truncated or not a tar file ({e})") from e
+    except OSError as e:
+        raise DataError(f"{shard}: cannot read ({e})") from e
+    missing = [m.name for k, m in images.items() if k not in labels]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{shard}: {missing[0]}{more} has no .cls or .json label member")
+    return [(m.name, labels[k], m.offset_data, m.size) for k, m in images.items()]
+
+
+def list_tars(spec: str) -> TarListing:
+    """List every image of the shards ``spec`` names (see :func:`is_tar_spec`) with its class."""
+    shards = shard_paths(spec)
+    items: list[str] = []
+    texts: list[str] = []
+    ranges: dict[str, tuple[str, int, int]] = {}
+    for shard in shards:
+        for name, text, offset, size in _list_shard(shard):
+            item = f"{shard}{SEP}{name}"
+            items.append(item)
+            texts.append(text)
+            ranges[item] = (str(shard), offset, size)
+    if not items:
+        raise DataError(f"--data {spec!r}: the shards hold no images")
+    names = sorted(set(texts))
+    if all(t.lstrip("-").isdigit() for t in names):
+        names = sorted(names, key=int)  # class indices: 2 before 10
+    if len(names) < 2:
+        raise DataError(f"--data {spec!r}: found one class ({names[0]}); a classifier needs at least two")
+    cidx = {c: i for i, c in enumerate(names)}
+    root = shards[0].parent if len(shards) > 1 or Path(spec).is_dir() else shards[0]
+    return TarListing(
+        name=spec,
+        root=str(root),
+        classes=names,
+        items=items,
+        labels=np.asarray([cidx[t] for t in texts], dtype=np.int64),
+        ranges=ranges,
+    )
