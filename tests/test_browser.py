@@ -105,7 +105,11 @@ def test_page_shows_label_sets_with_thresholds(browser, multilabel_bundle, colou
     from selenium.webdriver.support.ui import WebDriverWait
 
     bundle = load_bundle(multilabel_bundle)
-    photos = [sorted((colour_garment_dir / "test" / c).iterdir())[0] for c in ("red_trouser", "blue_bag")]
+    # Different file names: the cards are matched to the photos by name.
+    photos = [
+        sorted((colour_garment_dir / "test" / c).iterdir())[i]
+        for i, c in ((0, "red_trouser"), (1, "blue_bag"))
+    ]
     expected = {p.name: r["labels"] for p, r in zip(photos, bundle.predict([str(p) for p in photos]))}
 
     with serve_in_thread(create_app(bundle)) as url:

@@ -326,3 +326,59 @@ def test_server_json_equals_predict(multilabel_bundle: Path, colour_garment_dir:
     for want, r in zip(local, got):
         assert r["labels"] == want["labels"]
         assert r["probabilities"] == pytest.approx(want["probabilities"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- doctor
+
+
+def test_doctor_reports_label_sets(tmp_path: Path, colour_garment_dir: Path) -> None:
+    from imgclf.analysis.doctor import inspect_source, summary_text
+
+    src = sorted((colour_garment_dir / "train" / "red_bag").iterdir())
+    (tmp_path / "img").mkdir()
+    for f in src[:12]:
+        shutil.copy(f, tmp_path / "img" / f.name)
+    names = [f.name for f in src[:12]]
+    rows = ["path,labels"]
+    rows += [f"img/{n},red|bag" for n in names[:9]]
+    rows += [f"img/{names[9]},blue", f"img/{names[10]},"]  # blue: one image; one image with no label
+    rows += [f"img/{names[0]},blue|bag"]  # the same file again with another set: contradictory
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rep = inspect_source(tmp_path / "labels.csv", multi_label=True, progress=False, near=False)
+    ml = rep.to_dict()["multi_label"]
+    assert ml["labels"] == ["bag", "blue", "red"]
+    assert ml["counts"] == {"bag": 10, "blue": 2, "red": 9}
+    assert ml["co_occurrence"][0][2] == 9  # bag with red
+    assert ml["rare"] == {"blue": 2, "red": 9}  # below 10 images; bag has exactly 10
+    assert ml["empty"] == [f"img/{names[10]}"]
+    assert len(ml["contradictory"]) == 1 and sorted(ml["contradictory"][0]["label_sets"]) == [
+        "bag|blue",
+        "bag|red",
+    ]
+    text = summary_text(rep)
+    assert "image(s) with no label" in text and "contradictory label sets" in text
+
+
+def test_inspect_cli_multi_label_and_refusals(colour_garment_dir: Path, tmp_path: Path, capsys) -> None:
+    from imgclf.cli import main
+
+    assert (
+        main(
+            [
+                "inspect",
+                "--data",
+                str(colour_garment_dir),
+                "--multi-label",
+                "--out",
+                str(tmp_path / "i"),
+                "--no-near",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "i" / "inspect.json").read_text())
+    assert report["multi_label"]["labels"] == ["bag", "blue", "red", "trouser", "tshirt"]
+    assert "Labels (5, multi-label)" in (tmp_path / "i" / "inspect.html").read_text()
+    capsys.readouterr()
+    assert main(["inspect", "--data", str(colour_garment_dir), "--multi-label", "--labels"]) == 2
+    assert "--labels checks single-label data" in capsys.readouterr().err

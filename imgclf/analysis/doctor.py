@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imgclf.analysis.label_sets import LabelSetReport, as_label_set_classes, check_label_sets
 from imgclf.analysis.labels import LabelReport
 from imgclf.core.files import display_path
 from imgclf.core.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image
@@ -241,6 +242,7 @@ class DoctorReport:
     infos: list[ItemInfo] | None = field(default=None, repr=False)
     skipped: list[Skipped] = field(default_factory=list)
     labels: LabelReport | None = None  # ``inspect --labels``: likely label errors
+    label_sets: LabelSetReport | None = None  # ``inspect --multi-label``: counts, co-occurrence, ...
 
     @property
     def problems(self) -> int:
@@ -277,6 +279,8 @@ class DoctorReport:
         if self.labels is not None:
             d["label_check"] = self.labels.summary()
             d["label_issues"] = each(self.labels.issues)
+        if self.label_sets is not None:
+            d["multi_label"] = self.label_sets.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -537,14 +541,25 @@ def inspect_source(
     huge_pixels: int = HUGE_PIXELS,
     cache_dir: str | None = None,
     progress: bool = True,
+    multi_label: bool = False,
+    label_sep: str = "_",
 ) -> DoctorReport:
-    """Index, scan and analyse a ``--data`` source (the scan stays on ``report.index``/``.infos``)."""
+    """Index, scan and analyse a ``--data`` source (the scan stays on ``report.index``/``.infos``).
+
+    ``multi_label``: every label set is a class for the general checks (duplicates, conflicts across
+    sets), and ``report.label_sets`` adds label counts, co-occurrence, rare labels, empty and
+    contradictory sets.
+    """
     t0 = time.perf_counter()
-    index = D.index_source(str(spec), cache_dir)
+    index = D.index_source(str(spec), cache_dir, multi_label=multi_label, label_sep=label_sep)
+    sets = None
+    if multi_label:
+        sets = check_label_sets(index, workers=workers, progress=progress)
+        index = as_label_set_classes(index)
     split = _split_of(index, str(splits_file) if splits_file else None)
     infos = scan(index, near=near, workers=workers, max_pixels=max_pixels, progress=progress)
     groups = find_groups(infos, near=near, threshold=threshold, progress=progress)
-    return analyse(
+    report = analyse(
         index,
         infos,
         groups,
@@ -554,6 +569,8 @@ def inspect_source(
         huge_pixels=huge_pixels,
         seconds=time.perf_counter() - t0,
     )
+    report.label_sets = sets
+    return report
 
 
 def write_report(
@@ -669,6 +686,9 @@ def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> s
     section("train/val/test leakage", report["leakage"], grp)
     section("exact duplicate groups", report["exact_duplicates"], grp)
     section("near-duplicate groups", report["near_duplicates"], grp)
+    if "multi_label" in report:
+        lines.append("")
+        lines += LabelSetReport(**report["multi_label"]).summary_lines()
     if "label_check" in report:
         lc = report["label_check"]
         lines.append(
@@ -727,6 +747,39 @@ def _label_html(
     out.append("</div>")
     if len(issues) > max_items:
         out.append(f"<p>... {len(issues) - max_items} more in inspect.json</p>")
+    return out
+
+
+def _label_sets_html(ml: dict[str, Any]) -> list[str]:
+    """The multi-label section: label counts, rare labels, empty and contradictory sets, co-occurrence."""
+    esc = html.escape
+    labels = ml["labels"]
+    out = [
+        f"<h2>Labels ({len(labels)}, multi-label)</h2>",
+        f"<p>{ml['images']} images, {ml['mean_labels_per_image']:.2f} labels an image, "
+        f"{ml['label_sets']} distinct label sets.</p><table><tr><th>label</th><th>images</th></tr>",
+    ]
+    for c in labels:
+        low = " style='background:#fde8e8'" if c in ml["rare"] else ""
+        out.append(f"<tr{low}><td>{esc(c)}</td><td>{ml['counts'][c]}</td></tr>")
+    out.append("</table>")
+    if ml["rare"]:
+        out.append(f"<p>Fewer than {ml['min_images']} images (too few to learn well): "
+                   + esc(", ".join(f"{k} ({v})" for k, v in ml["rare"].items())) + "</p>")  # fmt: skip
+    head = "".join(f"<th>{esc(c)}</th>" for c in labels)
+    out.append(f"<h3>Co-occurrence (images holding both)</h3><table><tr><th></th>{head}</tr>")
+    for c, row in zip(labels, ml["co_occurrence"]):
+        out.append(f"<tr><th>{esc(c)}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>")
+    out.append("</table>")
+    if ml["empty"]:
+        out.append(f"<h3>No label ({len(ml['empty'])})</h3><p>" + esc(", ".join(ml["empty"][:50])) + "</p>")
+    if ml["contradictory"]:
+        out.append(f"<h3>Contradictory label sets ({len(ml['contradictory'])})</h3><ul>")
+        for g in ml["contradictory"][:50]:
+            out.append(
+                "<li>" + esc("; ".join(f"{f} = {s}" for f, s in zip(g["files"], g["label_sets"]))) + "</li>"
+            )
+        out.append("</ul>")
     return out
 
 
@@ -801,6 +854,8 @@ def write_html(
     bar.close()
     if "label_issues" in report:
         out.extend(_label_html(report, index, pos, max_groups))
+    if "multi_label" in report:
+        out.extend(_label_sets_html(report["multi_label"]))
     for title, key, fmt in [
         ("Unreadable", "unreadable", lambda e: f"{e['reason']} {e.get('detail', '')}"),
         ("Skipped while listing", "skipped", lambda e: e["reason"]),

@@ -61,6 +61,7 @@ class LabelSetReport:
             out.append(
                 f"  {len(self.rare)} label(s) with fewer than {self.min_images} images (too few to learn "
                 "well): " + ", ".join(f"{k} ({v})" for k, v in self.rare.items())
+                + "; collect more, or train with --pos-weight auto"
             )
         if self.empty:
             out.append(f"  {len(self.empty)} image(s) with no label (first: {self.empty[0]})")

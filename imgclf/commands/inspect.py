@@ -105,6 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="refuse to decode images larger than this, as a decompression-bomb guard (default: %(default)s)",
     )
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: %(default)s)")
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="label sets from folder names (--label-sep) or a labels file: adds label counts, "
+        "co-occurrence, labels with too few images, images with empty or contradictory label sets",
+    )
+    p.add_argument("--label-sep", default="_", help="--multi-label folders: separator (default: %(default)s)")
     p.add_argument("--no-html", action="store_true", help="do not write inspect.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
@@ -166,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
     from imgclf.core.files import display_path
 
     progress = not args.no_progress and sys.stderr.isatty()
+    if args.labels and args.multi_label:
+        print("imgclf inspect: error: --labels checks single-label data; drop --multi-label", file=sys.stderr)
+        return 2
     if args.fix_to and not args.labels:
         print("imgclf inspect: error: --fix-to needs --labels", file=sys.stderr)
         return 2
@@ -179,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         min_side=args.min_side,
         huge_pixels=args.huge_pixels,
         progress=progress,
+        multi_label=args.multi_label,
+        label_sep=args.label_sep,
     )
     if args.labels:
         report.labels = _label_check(report, args, progress)
