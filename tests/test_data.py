@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -176,3 +177,33 @@ def test_jpeg_draft_decoding_of_big_photo_is_reduced(sign_dir: Path) -> None:
     blob = io.BytesIO()
     img.save(blob, "PNG")
     assert blob.tell() > 0
+
+
+def test_manifest_csv_and_parquet_single_label(tmp_path: Path, small_sign_folder: Path) -> None:
+    """A path,label[,split] manifest indexes the same images and classes as the folder it lists."""
+    import csv
+
+    from imgclf.data.sources import index_source
+
+    folder = index_source(str(small_sign_folder(tmp_path / "imgs")))
+    rows = [
+        (os.path.relpath(p, tmp_path), folder.classes[y], "test" if i % 5 == 0 else "")
+        for i, (p, y) in enumerate(zip(folder.items, folder.labels))
+    ]
+    with open(tmp_path / "m.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    m = index_source(str(tmp_path / "m.csv"))
+    assert m.classes == folder.classes
+    assert [os.path.realpath(p) for p in m.items] == [os.path.realpath(p) for p in folder.items]
+    assert (m.labels == folder.labels).all()
+    assert list(m.split) == [s for _, _, s in rows]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(
+        pa.table({"path": [r[0] for r in rows], "label": [r[1] for r in rows]}), tmp_path / "m.parquet"
+    )
+    mp = index_source(str(tmp_path / "m.parquet"))
+    assert mp.classes == folder.classes and (mp.labels == folder.labels).all()
