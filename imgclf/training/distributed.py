@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,10 @@ class _RowLog:
 
     def __getitem__(self, idx: Any) -> Any:
         if self.batches == self.kill_at:
+            # A SIGKILLed worker loses the reports Ray Train has not collected yet (it polls every
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s); wait some polls so that the last
+            # epoch's checkpoint is registered and the restart resumes from it, not from the one before.
+            time.sleep(max(2.0, 4 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))))
             marker = Path(os.environ[FAIL_MARKER_ENV])
             marker.write_text(f"worker pid {os.getpid()} killed itself before batch {self.batches}\n")
             os.kill(os.getpid(), signal.SIGKILL)
