@@ -167,10 +167,10 @@ def rss_anon_of(pid: int) -> float | None:
 
 
 class WorkerRss:
-    """Peak RssAnon of every Ray Train worker process alive while it runs, sampled every 50 ms."""
+    """RssAnon of every Ray Train worker process alive while it runs, sampled every 50 ms."""
 
     def __init__(self) -> None:
-        self.peaks: dict[int, float] = {}
+        self.samples: dict[int, list[tuple[float, float]]] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -180,12 +180,34 @@ class WorkerRss:
             for pid in worker_pids():
                 mb = rss_anon_of(pid)
                 if mb is not None:
-                    self.peaks[pid] = max(self.peaks.get(pid, 0.0), mb)
+                    self.samples.setdefault(pid, []).append((time.time(), mb))
 
-    def stop(self) -> list[float]:
+    def stop(self, phases: dict[str, float]) -> list[dict[str, float]]:
+        """Per worker (by peak): the peak overall and within each phase (name -> start time)."""
         self._stop.set()
         self._t.join()
-        return sorted(round(v, 1) for v in self.peaks.values())
+        bounds = sorted(phases.items(), key=lambda kv: kv[1]) + [("", float("inf"))]
+        out = []
+        for xs in self.samples.values():
+            w = {"peak": round(max(mb for _, mb in xs), 1)}
+            for (name, t0), (_, t1) in zip(bounds, bounds[1:]):
+                w[name] = round(max((mb for t, mb in xs if t0 <= t < t1), default=float("nan")), 1)
+            out.append(w)
+        return sorted(out, key=lambda w: w["peak"])
+
+
+def log_times(train_log: Path) -> dict[str, float]:
+    """When each phase of a run began, from train.log's timestamps (local time, as time.time())."""
+    from datetime import datetime
+
+    marks = {"data": "data ", "train": "split: ", "finish": "epoch 1/"}
+    out: dict[str, float] = {}
+    for ln in train_log.read_text().splitlines():
+        for name, text in marks.items():
+            if name not in out and f" INFO {text}" in ln:
+                out[name] = datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    out["data"] = 0.0  # the worker's start (Ray, torch, the source index) counts as data set-up
+    return out
 
 
 def coverage(rows_dir: Path, n_train: int, batch: int, world: int, epoch: int = 1) -> dict[str, Any]:
@@ -239,7 +261,7 @@ def ray_part(args: argparse.Namespace) -> int:
             r = train(cfg, progress=False)
             key = "stream" if mode == "auto" else "in_memory"
             res[f"{key}_wall_s"] = round(time.time() - t0, 1)
-            res[f"{key}_worker_peak_rss_anon_mb"] = rss.stop()
+            res[f"{key}_worker_rss_anon_mb"] = rss.stop(log_times(r.run_dir / "train.log"))
             res[f"{key}_test_accuracy"] = round(r.metrics["test_accuracy"], 4)
             res[f"{key}_log"] = next(
                 ln.split(" INFO ", 1)[-1] for ln in (r.run_dir / "train.log").read_text().splitlines()
@@ -257,9 +279,11 @@ def ray_part(args: argparse.Namespace) -> int:
         cluster.shutdown()
     res["load_avg_end"] = os.getloadavg()
     res["note"] = (
-        "worker_peak_rss_anon_mb: the highest RssAnon (anonymous memory: not the page cache the "
-        "memory-mapped shards live in) of each ray::RayTrainWorker process, sampled every 50 ms by "
-        "the driver; rank 0 also evaluates val and test. coverage: rows of the training split read "
+        "worker_rss_anon_mb: per ray::RayTrainWorker process, the highest RssAnon (anonymous memory: "
+        "not the page cache the memory-mapped shards live in), sampled every 50 ms by the driver, overall "
+        "(peak) and per phase: data (worker start to the split line: Ray, torch, the source's index, "
+        "decoding), train (the epoch), finish (rank 0: evaluation of val and test, bundle, plot); "
+        "rank 0 is the one with a finish phase. coverage: rows of the training split read "
         "in epoch 1 by both ranks together; the trainer drops the last partial global batch "
         "(dropped_partial_batch rows, a different set each epoch), single-process runs alike."
     )
@@ -269,10 +293,8 @@ def ray_part(args: argparse.Namespace) -> int:
                  f"{res['decoded_mb_train']:.0f} MB ({res['decoded_mb_all_splits']:.0f} MB all splits)"),
         ("per-worker buffer", f"{budget:.0f} MB (memory_budget_mb)"),
         ("stream: auto (store)", f"{res['stream_log']}"),
-        ("  worker peak RssAnon", f"{res['stream_worker_peak_rss_anon_mb']} MB, "
-                                  f"{res['stream_wall_s']} s"),
-        ("stream: off (in memory)", f"{res['in_memory_worker_peak_rss_anon_mb']} MB, "
-                                    f"{res['in_memory_wall_s']} s"),
+        ("  worker RssAnon MB", f"{res['stream_worker_rss_anon_mb']}, {res['stream_wall_s']} s"),
+        ("stream: off (in memory) MB", f"{res['in_memory_worker_rss_anon_mb']}, {res['in_memory_wall_s']} s"),
         ("coverage epoch 1", f"{c['read_once']:,} read once, {c['read_twice_or_more']} twice+, "
                              f"{c['not_read']} not read ({c['dropped_partial_batch']} = partial batch)"),
         ("test accuracy stream / memory", f"{res['stream_test_accuracy']} / "
