@@ -304,7 +304,8 @@ def ray_part(args: argparse.Namespace) -> int:
     for a, b in rows:
         print(f"{a:<32}{b}")
     print(res["cpu"])
-    out = ROOT / "bench" / "results" / "scale_ray.json"
+    name = "scale_ray.json" if args.ray_subset == 16000 else f"scale_ray_{args.ray_subset}.json"
+    out = ROOT / "bench" / "results" / name
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
     shutil.rmtree(tmp, ignore_errors=True)
