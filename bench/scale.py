@@ -282,10 +282,11 @@ def ray_part(args: argparse.Namespace) -> int:
         "worker_rss_anon_mb: per ray::RayTrainWorker process, the highest RssAnon (anonymous memory: "
         "not the page cache the memory-mapped shards live in), sampled every 50 ms by the driver, overall "
         "(peak) and per phase: data (worker start to the split line: Ray, torch, the source's index, "
-        "decoding), train (the epoch), finish (rank 0: evaluation of val and test, bundle, plot); "
-        "rank 0 is the one with a finish phase. coverage: rows of the training split read "
-        "in epoch 1 by both ranks together; the trainer drops the last partial global batch "
-        "(dropped_partial_batch rows, a different set each epoch), single-process runs alike."
+        "decoding), train (the epoch and rank 0's validation), finish (rank 0: evaluation of val and "
+        "test, bundle, plot; rank 1 waits), split by rank 0's train.log. Ranks are not told apart: "
+        "rank 0 evaluates 256-image batches, so it is taken to be the larger. coverage: rows of the "
+        "training split read in epoch 1 by both ranks together; the trainer drops the last partial "
+        "global batch (dropped_partial_batch rows, a different set each epoch), as in one process."
     )
     c = res["stream_coverage"]
     rows = [
