@@ -16,7 +16,17 @@ Steps:
   python bench/scale.py --quick      # ~4-7 min on 2 busy cores, >= 1.5 GB decoded
   python bench/scale.py --repeat 3   # the same images repeated: ~4.7 GB decoded
 
-Writes bench/results/scale_quick.json (or scale.json). Data: $IMGCLF_SHARED.
+``--ray``: two Ray workers on a local 2-node cluster (``ray.cluster_utils.Cluster``, 1 CPU per
+node), one LeNet epoch on a Fashion-MNIST subset several times the per-worker buffer
+(``memory_budget_mb``), first streaming from the shared store (``stream: auto``), then with
+``stream: off`` (every worker decodes every split into memory) for contrast. The driver samples
+RssAnon of each ``ray::RayTrainWorker`` process from /proc every 50 ms; with
+``IMGCLF_DEBUG_ROWS=1`` each rank records the rows it read, and the coverage check counts
+how often each training row was read in the epoch.
+
+  python bench/scale.py --ray        # ~4-6 min on 2 busy cores
+
+Writes bench/results/scale_quick.json (or scale.json, or scale_ray.json). Data: $IMGCLF_SHARED.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics as st
 import subprocess
 import sys
@@ -132,6 +143,176 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"img_s": rate, "model_rss_anon_mb": model_rss, "peak_rss_anon_mb": rss.peak}))
 
 
+def worker_pids() -> list[int]:
+    """Processes titled ``ray::RayTrainWorker`` (Ray Train's per-rank actors)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def rss_anon_of(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class WorkerRss:
+    """RssAnon of every Ray Train worker process alive while it runs, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        self.samples: dict[int, list[tuple[float, float]]] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for pid in worker_pids():
+                mb = rss_anon_of(pid)
+                if mb is not None:
+                    self.samples.setdefault(pid, []).append((time.time(), mb))
+
+    def stop(self, phases: dict[str, float]) -> list[dict[str, float]]:
+        """Per worker (by peak): the peak overall and within each phase (name -> start time)."""
+        self._stop.set()
+        self._t.join()
+        bounds = sorted(phases.items(), key=lambda kv: kv[1]) + [("", float("inf"))]
+        out = []
+        for xs in self.samples.values():
+            w = {"peak": round(max(mb for _, mb in xs), 1)}
+            for (name, t0), (_, t1) in zip(bounds, bounds[1:]):
+                w[name] = round(max((mb for t, mb in xs if t0 <= t < t1), default=float("nan")), 1)
+            out.append(w)
+        return sorted(out, key=lambda w: w["peak"])
+
+
+def log_times(train_log: Path) -> dict[str, float]:
+    """When each phase of a run began, from train.log's timestamps (local time, as time.time())."""
+    from datetime import datetime
+
+    marks = {"data": "data ", "train": "split: ", "finish": "epoch 1/"}
+    out: dict[str, float] = {}
+    for ln in train_log.read_text().splitlines():
+        for name, text in marks.items():
+            if name not in out and f" INFO {text}" in ln:
+                out[name] = datetime.strptime(ln[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    out["data"] = 0.0  # the worker's start (Ray, torch, the source index) counts as data set-up
+    return out
+
+
+def coverage(rows_dir: Path, n_train: int, batch: int, world: int, epoch: int = 1) -> dict[str, Any]:
+    """How often each training row was read by any rank in ``epoch`` (from IMGCLF_DEBUG_ROWS files)."""
+    parts = [np.fromfile(rows_dir / f"epoch-{epoch}-rank-{r}.i64", dtype=np.int64) for r in range(world)]
+    counts = np.bincount(np.concatenate(parts), minlength=n_train)
+    steps = n_train // batch
+    sets = [set(p.tolist()) for p in parts]
+    return {
+        "train_rows": n_train,
+        "rows_per_rank": [len(p) for p in parts],
+        "read_once": int((counts == 1).sum()),
+        "read_twice_or_more": int((counts > 1).sum()),
+        "not_read": int((counts == 0).sum()),
+        "dropped_partial_batch": n_train - steps * batch,
+        "ranks_disjoint": not set.intersection(*sets) if world > 1 else True,
+    }
+
+
+def ray_part(args: argparse.Namespace) -> int:
+    """Two Ray workers on two local nodes: per-worker RssAnon streaming vs in memory, and coverage."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from imgclf.training.api import train
+    from imgclf.training.config import TrainConfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="imgclf-scale-ray-"))
+    cache = args.cache_dir or str(tmp / "cache")
+    row_mb = args.size * args.size * 3 / 2**20
+    # The buffer is a quarter of the training rows alone.
+    budget = round(args.ray_subset * row_mb / 4, 1)
+    res: dict[str, Any] = {"cpu": cpu_flags(), "load_avg_start": os.getloadavg(), "size": args.size,
+                           "subset": args.ray_subset, "batch": args.batch, "memory_budget_mb": budget,
+                           "nodes": "2 local (Cluster), 1 CPU each", "workers": 2}  # fmt: skip
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    os.environ["IMGCLF_DEBUG_ROWS"] = "1"
+    try:
+        for mode in ("auto", "off"):
+            cfg = TrainConfig(
+                data="fashion-mnist", model="lenet", img_size=args.size, channels=3, epochs=1,
+                subset=args.ray_subset, batch_size=args.batch, tensorboard=False, threads=1,
+                cache_dir=cache, stream=mode, memory_budget_mb=budget, out=str(tmp / f"run-{mode}"),
+                ray_workers=2, ood_score="none",
+            )  # fmt: skip
+            rss = WorkerRss()
+            t0 = time.time()
+            r = train(cfg, progress=False)
+            key = "stream" if mode == "auto" else "in_memory"
+            res[f"{key}_wall_s"] = round(time.time() - t0, 1)
+            res[f"{key}_worker_rss_anon_mb"] = rss.stop(log_times(r.run_dir / "train.log"))
+            res[f"{key}_test_accuracy"] = round(r.metrics["test_accuracy"], 4)
+            res[f"{key}_log"] = next(
+                ln.split(" INFO ", 1)[-1] for ln in (r.run_dir / "train.log").read_text().splitlines()
+                if "data: " in ln
+            )  # fmt: skip
+            splits = json.loads((r.run_dir / "splits.json").read_text())
+            n_train = len(splits["train"])
+            res["train_images"] = n_train
+            res["decoded_mb_all_splits"] = round(sum(len(v) for v in splits.values()) * row_mb, 1)
+            res["decoded_mb_train"] = round(n_train * row_mb, 1)
+            res[f"{key}_coverage"] = coverage(r.run_dir / "rows", n_train, args.batch, 2)
+    finally:
+        os.environ.pop("IMGCLF_DEBUG_ROWS", None)
+        ray.shutdown()
+        cluster.shutdown()
+    res["load_avg_end"] = os.getloadavg()
+    res["note"] = (
+        "worker_rss_anon_mb: per ray::RayTrainWorker process, the highest RssAnon (anonymous memory: "
+        "not the page cache the memory-mapped shards live in), sampled every 50 ms by the driver, overall "
+        "(peak) and per phase: data (worker start to the split line: Ray, torch, the source's index, "
+        "decoding), train (the epoch and rank 0's validation), finish (rank 0: evaluation of val and "
+        "test, bundle, plot; rank 1 waits), split by rank 0's train.log. Ranks are not told apart: "
+        "rank 0 evaluates 256-image batches, so it is taken to be the larger. coverage: rows of the "
+        "training split read in epoch 1 by both ranks together; the trainer drops the last partial "
+        "global batch (dropped_partial_batch rows, a different set each epoch), as in one process."
+    )
+    c = res["stream_coverage"]
+    rows = [
+        ("data", f"{res['train_images']:,} training images at {args.size}x{args.size}x3 = "
+                 f"{res['decoded_mb_train']:.0f} MB ({res['decoded_mb_all_splits']:.0f} MB all splits)"),
+        ("per-worker buffer", f"{budget:.0f} MB (memory_budget_mb)"),
+        ("stream: auto (store)", f"{res['stream_log']}"),
+        ("  worker RssAnon MB", f"{res['stream_worker_rss_anon_mb']}, {res['stream_wall_s']} s"),
+        ("stream: off (in memory) MB", f"{res['in_memory_worker_rss_anon_mb']}, {res['in_memory_wall_s']} s"),
+        ("coverage epoch 1", f"{c['read_once']:,} read once, {c['read_twice_or_more']} twice+, "
+                             f"{c['not_read']} not read ({c['dropped_partial_batch']} = partial batch)"),
+        ("test accuracy stream / memory", f"{res['stream_test_accuracy']} / "
+                                          f"{res['in_memory_test_accuracy']}"),
+        ("load average", f"{res['load_avg_start']} -> {res['load_avg_end']}"),
+    ]  # fmt: skip
+    for a, b in rows:
+        print(f"{a:<32}{b}")
+    print(res["cpu"])
+    name = "scale_ray.json" if args.ray_subset == 16000 else f"scale_ray_{args.ray_subset}.json"
+    out = ROOT / "bench" / "results" / name
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one copy of the 60,000 training images (~1.6 GB)")
@@ -143,9 +324,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None, help="store location (default: a fresh temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store")
+    ap.add_argument("--ray", action="store_true", help="two Ray workers on two local nodes (see above)")
+    ap.add_argument("--ray-subset", type=int, default=16000, help="--ray: training images")
     ap.add_argument("--child", choices=("streaming", "in_memory"), help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ray:
+        if args.size == 96:
+            args.size = 48  # LeNet's epoch stays short on shared cores
+        return ray_part(args)
     if args.child:
         child(args)
         return 0

@@ -524,13 +524,22 @@ class StoragePlan:
     reason: str
 
 
-def plan_storage(n_images: int, pre: Preprocess, stream: str, budget_mb: float) -> StoragePlan:
-    """In memory when the decoded images fit ``budget_mb`` (``stream: auto``), else from the store."""
+def plan_storage(
+    n_images: int, pre: Preprocess, stream: str, budget_mb: float, workers: int = 1
+) -> StoragePlan:
+    """In memory when the decoded images fit ``budget_mb`` (``stream: auto``), else from the store.
+
+    With ``workers`` > 1 (Ray data-parallel ranks) ``auto`` always streams: each rank reads only
+    its own rows of the one shared store instead of holding a full copy of the data set.
+    """
     mb = n_images * int(np.prod((*pre.size, pre.channels))) / 2**20
     if stream == "on":
         return StoragePlan(True, mb, budget_mb, "stream: on")
     if stream == "off":
         return StoragePlan(False, mb, budget_mb, "stream: off")
+    if workers > 1:
+        why = f"{workers} workers share the store, each reads only its rows; {mb:.0f} MB decoded"
+        return StoragePlan(True, mb, budget_mb, why)
     fits = mb <= budget_mb
     why = f"{mb:.0f} MB decoded {'fits' if fits else 'exceeds'} memory_budget_mb {budget_mb:g}"
     return StoragePlan(not fits, mb, budget_mb, why)

@@ -339,7 +339,8 @@ class TrainConfig:
         default="auto",
         help=(
             "where decoded images live: off (in memory), on (memory-mapped shards of the decoded store "
-            "in cache_dir, read a batch at a time), auto (on when they exceed memory_budget_mb)"
+            "in cache_dir, read a batch at a time), auto (on when they exceed memory_budget_mb, "
+            "and always with ray_workers > 1: each worker reads only its rows)"
         ),
         choices=("auto", "on", "off"),
     )

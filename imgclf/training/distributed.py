@@ -3,16 +3,23 @@
 Ray Train's ``TorchTrainer`` starts ``ray_workers`` processes; each runs the same loop as
 single-process training (:class:`imgclf.training.trainer.Trainer`) with a :class:`RayDist`
 context: the model is wrapped in DistributedDataParallel (gloo on CPU), every rank trains on
-rows ``rank::world`` of each
-global batch of the shared seeded permutation, metrics are summed across ranks, and only rank 0
-writes the run folder. After each epoch rank 0 reports ``checkpoints/last.safetensors`` (+ best,
-history) to Ray, so Ray's ``FailureConfig`` can restart a failed worker group from it.
+rows ``rank::world`` of each global batch of the shared seeded permutation, metrics are summed
+across ranks, and only rank 0 writes the run folder. The data come from the decoded store
+(``stream: auto`` streams with more than one worker): rank 0 builds it in ``cache_dir`` (shared
+storage on a multi-node cluster) while the others wait, then every rank opens the splits as
+memory-mapped :class:`imgclf.data.store.StoreArray` and reads only its own rows of each batch.
+After each epoch rank 0 reports ``checkpoints/last.safetensors`` (+ best, history) to Ray, so
+Ray's ``FailureConfig`` can restart a failed worker group from it.
 
 Only :func:`imgclf.training.api.train` imports this module, and only when ``ray_workers`` is set.
 
 Environment knobs (documented in docs/SCALING.md):
 ``IMGCLF_RAY_STORAGE`` where Ray keeps checkpoints (must be shared storage on a multi-node
 cluster; default ``RUN_DIR/ray``, removed after success), ``IMGCLF_RAY_MAX_FAILURES`` (default 2).
+Debug/test hooks: ``IMGCLF_DEBUG_ROWS=1`` makes each rank append the training row indices it reads
+to ``RUN_DIR/rows/epoch-E-rank-R.i64`` (raw int64, rewritten when an epoch starts again), so the
+coverage of an epoch can be checked; ``IMGCLF_TEST_KILL_AT=E:B`` SIGKILLs the last rank before
+batch B of epoch E, once (needs ``IMGCLF_TEST_FAIL_MARKER``).
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from imgclf.core.errors import TrainingError
@@ -37,6 +47,10 @@ log = logging.getLogger("imgclf")
 # Test hook: the last rank raises once, after the checkpoint of this epoch was reported.
 FAIL_AT_EPOCH_ENV = "IMGCLF_TEST_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "IMGCLF_TEST_FAIL_MARKER"
+# Debug hook: each rank records the training rows it reads (RUN_DIR/rows/epoch-E-rank-R.i64).
+ROWS_ENV = "IMGCLF_DEBUG_ROWS"
+# Test hook "EPOCH:BATCH": the last rank kills itself (SIGKILL) before that batch, once.
+KILL_AT_ENV = "IMGCLF_TEST_KILL_AT"
 # Files of the run folder a restarted (possibly relocated) rank 0 needs to carry on.
 _CKPT_FILES = ("checkpoints/last.safetensors", "checkpoints/best.safetensors", "history.csv")
 # Run outputs shipped back to the driver when rank 0 ran on another node.
@@ -123,6 +137,24 @@ class RayDist(DistContext):
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def main_first(self, fn: Any) -> Any:
+        """Rank 0 decodes into the shared store while the others wait; then they open it."""
+        import torch.distributed as tdist
+
+        if self.world_size == 1 or not tdist.is_initialized():
+            return fn()
+        out = fn() if self.is_main else None
+        tdist.barrier()
+        return out if self.is_main else fn()
+
+    def epoch_rows(self, x_all: Any, epoch: int, run_dir: Path) -> Any:
+        record = os.environ.get(ROWS_ENV) == "1"
+        kill = _kill_batch(epoch, self.rank, self.world_size)
+        if not record and kill is None:
+            return x_all
+        path = run_dir / "rows" / f"epoch-{epoch}-rank-{self.rank}.i64" if record else None
+        return _RowLog(x_all, path, kill)
+
     def end_epoch(self, epoch: int, row: dict[str, float], run_dir: Path) -> None:
         import ray.train
 
@@ -154,6 +186,45 @@ def _maybe_fail(epoch: int, rank: int, world_size: int) -> None:
         return
     Path(marker).write_text(f"worker rank {rank} failed after epoch {epoch}\n")
     raise RuntimeError(f"injected failure of worker rank {rank} after epoch {epoch} ({FAIL_AT_EPOCH_ENV})")
+
+
+def _kill_batch(epoch: int, rank: int, world_size: int) -> int | None:
+    """The batch before which this rank kills itself in this epoch (KILL_AT_ENV), or None."""
+    at, marker = os.environ.get(KILL_AT_ENV), os.environ.get(FAIL_MARKER_ENV)
+    if not at or not marker or rank != world_size - 1 or Path(marker).exists():
+        return None
+    e, b = (int(v) for v in at.split(":"))
+    return b if e == epoch else None
+
+
+class _RowLog:
+    """Training rows as read by one rank in one epoch: appends each batch's row ids to ``path``."""
+
+    def __init__(self, x_all: Any, path: Path | None, kill_at: int | None) -> None:
+        self.x_all, self.path, self.kill_at, self.batches = x_all, path, kill_at, 0
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")  # an epoch trained again after a restart starts its record afresh
+
+    def __len__(self) -> int:
+        return len(self.x_all)
+
+    def __getitem__(self, idx: Any) -> Any:
+        if self.batches == self.kill_at:
+            # A SIGKILLed worker loses the reports Ray Train has not collected yet (it polls every
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s); wait some polls so that the last
+            # epoch's checkpoint is registered and the restart resumes from it, not from the one before.
+            time.sleep(max(2.0, 4 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))))
+            marker = Path(os.environ[FAIL_MARKER_ENV])
+            marker.write_text(f"worker pid {os.getpid()} killed itself before batch {self.batches}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        rows = self.x_all[idx]
+        if self.path is not None:
+            ids = np.asarray(idx.cpu().numpy() if hasattr(idx, "cpu") else idx, dtype=np.int64)
+            with open(self.path, "ab") as f:
+                f.write(ids.tobytes())
+        self.batches += 1
+        return rows
 
 
 def _worker(config: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -81,6 +81,14 @@ class DistContext:
 
     def end_epoch(self, epoch: int, row: dict[str, float], run_dir: Path) -> None:
         """Called on every rank after rank 0 wrote the epoch's checkpoint and history."""
+
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on every rank, rank 0 before the others (it builds the shared decoded store)."""
+        return fn()
+
+    def epoch_rows(self, x_all: Any, epoch: int, run_dir: Path) -> Any:
+        """The training rows epoch ``epoch`` reads through (a debug hook may record or stop there)."""
+        return x_all
 
 
 # --------------------------------------------------------------------------- setup helpers
@@ -452,8 +460,10 @@ def epoch_batches(
 # --------------------------------------------------------------------------- main entry
 
 
-def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progress: bool) -> PreparedData:
-    """Split (duplicate-aware) and decode every split."""
+def prepare_data(
+    cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progress: bool, world_size: int = 1
+) -> PreparedData:
+    """Split (duplicate-aware) and decode every split (``world_size`` > 1 Ray ranks: into the store)."""
     groups = None
     report: dict[str, Any] = {}
     usable = np.arange(len(index))
@@ -488,7 +498,8 @@ def prepare_data(cfg: TrainConfig, index: D.SourceIndex, pre: Preprocess, progre
     decoded: dict[str, D.Decoded] = {}
     from imgclf.data.store import build_store, plan_storage
 
-    plan = plan_storage(sum(len(v) for v in parts.values()), pre, cfg.stream, cfg.memory_budget_mb)
+    n_all = sum(len(v) for v in parts.values())
+    plan = plan_storage(n_all, pre, cfg.stream, cfg.memory_budget_mb, world_size)
     log.info("data: %s (%s)", "streaming from the decoded store" if plan.stream else "in memory", plan.reason)
     for name, idx in parts.items():
         decode = D.decode_items
@@ -698,7 +709,8 @@ class Trainer:
         # Built before decoding so a bad --model-args fails at once; nothing in between draws from
         # torch's RNG, so the initial weights are those of a model built after decoding.
         model = self._build_model()
-        self.data = prepare_data(cfg, self.index, self.pre, self.progress)
+        prep = partial(prepare_data, cfg, self.index, self.pre, self.progress, self.dist.world_size)
+        self.data = self.dist.main_first(prep)  # Ray: rank 0 builds the shared store first
         self._write_data_records()
         # --init-weights / --pretrained; a resumed run loads them too (its checkpoint then replaces
         # them) so that fine-tuning knows which layers were loaded.
@@ -928,7 +940,7 @@ class Trainer:
             unit="batch",
         )
         batches = epoch_batches(
-            self.x_all,
+            dist.epoch_rows(self.x_all, epoch, self.run_dir),
             self.y_all,
             perm,
             self.batch_size,
