@@ -60,7 +60,8 @@ class LabelSetReport:
         if self.rare:
             out.append(
                 f"  {len(self.rare)} label(s) with fewer than {self.min_images} images (too few to learn "
-                "well): " + ", ".join(f"{k} ({v})" for k, v in self.rare.items())
+                "well): "
+                + ", ".join(f"{k} ({v})" for k, v in self.rare.items())
                 + "; collect more, or train with --pos-weight auto"
             )
         if self.empty:
