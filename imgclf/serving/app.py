@@ -10,8 +10,9 @@ its own images, so results come back in request order.
 
 Fairness: one client address may have at most ``max_client_requests`` predict/explain requests
 in flight (429 beyond); a request holding more pixels than one maximum-size image decodes on
-lower-priority threads; Grad-CAM runs on its own lower-priority thread with its own model (never
-on the inference thread), one at a time.
+lower-priority threads; small requests are batched first and a bulk one's images run at most
+``bulk_batch`` at a time (see :class:`~imgclf.serving.batcher.Batcher`); Grad-CAM runs on its
+own lower-priority thread with its own model (never on the inference thread), one at a time.
 
 The routes are module-level handlers that read the server's :class:`ServeState` from
 ``request.app.state.serve``; :func:`create_app` only builds that state and wires the router,
