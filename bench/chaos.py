@@ -27,7 +27,8 @@ A/B (``--server --ab DIR``): this checkout's server against the one in DIR (anot
 e.g. ``git archive COMMIT | tar -x -C DIR``), each round running an idle then a flood phase on a
 fresh server of each, in alternating order (A B, B A, ...), so background load from other jobs
 hits both alike; reported per round and as medians: normal p99 idle and under the flood, their
-ratio, the flood client's own throughput (images/s) and the load average.
+ratio, the flood client's own throughput (images/s), a bulk client's throughput alone (64-image
+requests of photos, where inference dominates, and of the flood's PNGs) and the load average.
 
 Writes bench/results/chaos.json (server mode: chaos_server.json, A/B: chaos_server_ab.json) and
 prints a table.
@@ -332,6 +333,24 @@ class _Bench:
             "statuses": statuses + [c for v in got.values() for c in v],
         }
 
+    def bulk_alone(self, url: str) -> dict:
+        """A bulk client alone (no other requests): images/s over 64-image requests of the flood's
+        3.1 MP PNGs (decoding dominates) and of the 100x100 photo (inference dominates)."""
+        import httpx
+
+        out = {}
+        with httpx.Client(timeout=300) as c:
+            for name, payload, n in (
+                ("photo_64", self.photo, 6),
+                ("flood_png_64", self.payloads["flood"], 2),
+            ):
+                files = [("f", (f"{i}.img", payload, "application/octet-stream")) for i in range(64)]
+                c.post(url + "/v1/predict", files=files)  # warm-up
+                t = time.perf_counter()
+                ok = sum(c.post(url + "/v1/predict", files=files).status_code == 200 for _ in range(n))
+                out[name] = 64 * ok / (time.perf_counter() - t)
+        return out
+
 
 def server_soak(soak: float, out: Path, idle_s: float) -> None:
     bench = _Bench()
@@ -411,6 +430,8 @@ def server_ab(other: Path, rounds: int, soak: float, idle_s: float, out: Path) -
             srv, url, _ = bench.start(servers[name])
             idle = bench.phase(url, idle_s, [])
             flood = bench.phase(url, soak, ["flood"])
+            alone = bench.bulk_alone(url)
+            load_alone = os.getloadavg()[0]
             srv.send_signal(signal.SIGINT)
             srv.wait(timeout=60)
             statuses = idle.pop("statuses") + flood.pop("statuses")
@@ -425,16 +446,22 @@ def server_ab(other: Path, rounds: int, soak: float, idle_s: float, out: Path) -
                 "normal_requests": idle["normal_requests"] + flood["normal_requests"],
                 "flood_requests_ok": flood["hostile_status_counts"].get("flood", {}).get("200", 0),
                 "flood_images_per_s": flood["flood_images_per_s"],
+                "bulk_alone_photo_images_per_s": alone["photo_64"],
+                "bulk_alone_png_images_per_s": alone["flood_png_64"],
                 "load_idle": idle["load_average_1min_at_end"],
                 "load_flood": flood["load_average_1min_at_end"],
+                "load_bulk_alone": load_alone,
                 "5xx": sum(s >= 500 for s in statuses),
             }
             rows.append(row)
             print(
                 f"round {r} {name:5s}: idle p99 {row['idle_p99_ms']:.0f} ms, flood p50/p99 "
                 f"{row['flood_p50_ms']:.0f}/{row['flood_p99_ms']:.0f} ms, ratio {row['ratio']:.2f}x, "
-                f"bulk {row['flood_images_per_s'] or 0:.1f} img/s, load {row['load_idle']:.1f}/"
-                f"{row['load_flood']:.1f}, 5xx {row['5xx']}",
+                f"bulk {row['flood_images_per_s'] or 0:.1f} img/s (alone: photos "
+                f"{row['bulk_alone_photo_images_per_s']:.0f}, "
+                f"PNGs {row['bulk_alone_png_images_per_s']:.1f}), "
+                f"load {row['load_idle']:.1f}/{row['load_flood']:.1f}/{row['load_bulk_alone']:.1f}, "
+                f"5xx {row['5xx']}",
                 flush=True,
             )
 
@@ -442,7 +469,15 @@ def server_ab(other: Path, rounds: int, soak: float, idle_s: float, out: Path) -
         v = sorted(x[key] for x in rows if x["server"] == name and x[key] is not None)
         return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
-    keys = ("idle_p99_ms", "flood_p50_ms", "flood_p99_ms", "ratio", "flood_images_per_s")
+    keys = (
+        "idle_p99_ms",
+        "flood_p50_ms",
+        "flood_p99_ms",
+        "ratio",
+        "flood_images_per_s",
+        "bulk_alone_photo_images_per_s",
+        "bulk_alone_png_images_per_s",
+    )
     summary = {name: {k: med(name, k) for k in keys} for name in servers}
     res = {
         "command": f"python bench/chaos.py --server --ab {other} --rounds {rounds} --soak {soak:g} "
@@ -454,12 +489,16 @@ def server_ab(other: Path, rounds: int, soak: float, idle_s: float, out: Path) -
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
-    print("| server | idle p99 ms | flood p50 ms | flood p99 ms | flood p99 / idle p99 | bulk img/s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| server | idle p99 ms | flood p50 ms | flood p99 ms | flood p99 / idle p99 | flood img/s | "
+        "bulk alone img/s: photos / PNGs |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, m in summary.items():
         print(
             f"| {name} ({servers[name]}) | {m['idle_p99_ms']:.0f} | {m['flood_p50_ms']:.0f} | "
-            f"{m['flood_p99_ms']:.0f} | {m['ratio']:.2f}x | {m['flood_images_per_s']:.1f} |"
+            f"{m['flood_p99_ms']:.0f} | {m['ratio']:.2f}x | {m['flood_images_per_s']:.1f} | "
+            f"{m['bulk_alone_photo_images_per_s']:.0f} / {m['bulk_alone_png_images_per_s']:.1f} |"
         )
     print(f"medians over {rounds} rounds; wrote {out}")
 
