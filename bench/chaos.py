@@ -11,6 +11,7 @@ one thread, so an interrupted run can match the reference exactly.
   python bench/chaos.py --kills 20            # ~10 min on 2 cores
   python bench/chaos.py --kills 3 --quick     # a minute
   python bench/chaos.py --server --soak 300   # the server under hostile clients, 5 min
+  python bench/chaos.py --server --ab /tmp/old --rounds 3 --soak 30 --idle 15  # A/B two checkouts
 
 Server mode: ``imgclf serve`` (default options) in its own process; two normal clients post one
 real photo each in a loop from 127.0.0.1. Phases: idle; "flood" (the issue's case: one hostile
@@ -22,7 +23,15 @@ normal clients' GIL and the server can tell it apart. Reported per phase: normal
 the 1-minute load average (other people's jobs share the machine); overall 5xx count, RSS at
 start and end, and the CPU model and vector flags.
 
-Writes bench/results/chaos.json (server mode: chaos_server.json) and prints a table.
+A/B (``--server --ab DIR``): this checkout's server against the one in DIR (another commit,
+e.g. ``git archive COMMIT | tar -x -C DIR``), each round running an idle then a flood phase on a
+fresh server of each, in alternating order (A B, B A, ...), so background load from other jobs
+hits both alike; reported per round and as medians: normal p99 idle and under the flood, their
+ratio, the flood client's own throughput (images/s), a bulk client's throughput alone (64-image
+requests of photos, where inference dominates, and of the flood's PNGs) and the load average.
+
+Writes bench/results/chaos.json (server mode: chaos_server.json, A/B: chaos_server_ab.json) and
+prints a table.
 """
 
 from __future__ import annotations
@@ -181,6 +190,7 @@ def _hostile(kind: str, url: str, payload: bytes, source: str, stop, results) ->
     import httpx
 
     statuses: list[int] = []
+    seconds: list[float] = []  # per finished request (the flood's bulk throughput)
     port = int(url.rsplit(":", 1)[1])
     transport = httpx.HTTPTransport(local_address=source)
 
@@ -190,7 +200,9 @@ def _hostile(kind: str, url: str, payload: bytes, source: str, stop, results) ->
         files = [("f", (f"{i}.png", payload, "image/png")) for i in range(64)]
         with httpx.Client(timeout=120, transport=transport) as c:
             while not stop.is_set():
+                t = time.perf_counter()
                 statuses.append(c.post(url + "/v1/predict", files=files).status_code)
+                seconds.append(time.perf_counter() - t)
 
     def slow() -> None:
         # Connections that send half a body and stall (each refused with 408 after 30 s).
@@ -213,62 +225,81 @@ def _hostile(kind: str, url: str, payload: bytes, source: str, stop, results) ->
     t = threading.Thread(target={"flood": flood, "slow": slow, "explain": explain}[kind])
     t.start()
     t.join()
-    results.put((kind, statuses))
+    results.put((kind, statuses, seconds))
 
 
-def server_soak(soak: float, out: Path, idle_s: float) -> None:
-    import multiprocessing as mp
-    import threading
+def _p99(x: list[float]) -> float:
+    return sorted(x)[int(0.99 * (len(x) - 1))] * 1000 if x else float("nan")
 
-    import httpx
 
-    work = Path(tempfile.mkdtemp(prefix="imgclf-soak-"))
-    env = dict(
-        os.environ, IMGCLF_DATA_DIR=str(SHARED), IMGCLF_CACHE_DIR=str(work / "cache"), PYTHONPATH=str(ROOT)
-    )
-    sign = SHARED / "sign-language-digits"
-    args = "--model smallervggnet --img-size 64 --epochs 1 --subset 300 --no-tensorboard --no-progress"
-    cmd = imgclf_cmd("train", "--data", str(sign), *args.split(), "--out", str(work / "run"))
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    port = 18000 + random.randint(0, 999)
-    serve_cmd = imgclf_cmd("serve", str(work / "run"), "--port", str(port), "--log-level", "error")
-    srv = subprocess.Popen(serve_cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    photo = next((sign / "3").iterdir()).read_bytes()
-    statuses: list[int] = []
-    stop = threading.Event()
+def _p50(x: list[float]) -> float:
+    return sorted(x)[len(x) // 2] * 1000 if x else float("nan")
 
-    def normal(lat: list[float]) -> None:
-        with httpx.Client(timeout=60) as c:  # from 127.0.0.1
-            while not stop.is_set():
-                t = time.perf_counter()
-                r = c.post(url + "/v1/predict", content=photo)
-                lat.append(time.perf_counter() - t)
-                statuses.append(r.status_code)
 
-    side = int((200_000_000 / 64) ** 0.5) - 2  # 64 of them just under the 200 MP request budget
-    # A 16-pixel tile makes each 3.1 MP PNG 125 kB: the 64 of them are the issue's 8 MB request.
-    payloads = {"flood": _png(side, side, 1, tile_px=16), "slow": photo, "explain": _png(3000, 3000, 2)}
-    ctx = mp.get_context("fork")
+class _Bench:
+    """The server bench's pieces: a trained model, payloads, servers from a checkout, phases."""
 
-    def phase(seconds: float, hostile: list[str]) -> tuple[list[float], dict[str, list[int]], float]:
+    def __init__(self) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix="imgclf-soak-"))
+        self.env = dict(os.environ, IMGCLF_DATA_DIR=str(SHARED), IMGCLF_CACHE_DIR=str(self.work / "cache"))
+        sign = SHARED / "sign-language-digits"
+        args = "--model smallervggnet --img-size 64 --epochs 1 --subset 300 --no-tensorboard --no-progress"
+        cmd = imgclf_cmd("train", "--data", str(sign), *args.split(), "--out", str(self.work / "run"))
+        subprocess.run(cmd, env={**self.env, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
+        self.photo = next((sign / "3").iterdir()).read_bytes()
+        self.side = int((200_000_000 / 64) ** 0.5) - 2  # 64 of them just under the 200 MP budget
+        # A 16-pixel tile makes each 3.1 MP PNG 125 kB: the 64 of them are the issue's 8 MB request.
+        self.payloads = {
+            "flood": _png(self.side, self.side, 1, tile_px=16),
+            "slow": self.photo,
+            "explain": _png(3000, 3000, 2),
+        }
+
+    def start(self, root: Path) -> tuple[subprocess.Popen, str, list[str]]:
+        """``imgclf serve`` (default options) from the checkout at ``root``; waits until healthy."""
+        import httpx
+
+        port = 18000 + random.randint(0, 999)
+        serve_cmd = imgclf_cmd("serve", str(self.work / "run"), "--port", str(port), "--log-level", "error")
+        srv = subprocess.Popen(serve_cmd, env={**self.env, "PYTHONPATH": str(root)})
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        return srv, url, serve_cmd
+
+    def phase(self, url: str, seconds: float, hostile: list[str]) -> dict:
+        """Two normal clients for ``seconds`` while ``hostile`` clients run; one phase's figures."""
+        import multiprocessing as mp
+        import threading
+
+        import httpx
+
         lat: list[float] = []
-        stop.clear()
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def normal() -> None:
+            with httpx.Client(timeout=60) as c:  # from 127.0.0.1
+                while not stop.is_set():
+                    t = time.perf_counter()
+                    r = c.post(url + "/v1/predict", content=self.photo)
+                    lat.append(time.perf_counter() - t)
+                    statuses.append(r.status_code)
+
+        ctx = mp.get_context("fork")
         hstop, results = ctx.Event(), ctx.Queue()
         procs = [
-            ctx.Process(target=_hostile, args=(k, url, payloads[k], f"127.0.0.{i + 2}", hstop, results))
+            ctx.Process(target=_hostile, args=(k, url, self.payloads[k], f"127.0.0.{i + 2}", hstop, results))
             for i, k in enumerate(hostile)
         ]
         for p in procs:
             p.start()
         time.sleep(2 if hostile else 0)  # let the attack get going before measuring
-        threads = [threading.Thread(target=normal, args=(lat,)) for _ in range(2)]
+        threads = [threading.Thread(target=normal) for _ in range(2)]
         for t in threads:
             t.start()
         time.sleep(seconds)
@@ -277,43 +308,72 @@ def server_soak(soak: float, out: Path, idle_s: float) -> None:
             t.join()
         load = os.getloadavg()[0]
         hstop.set()
-        got = dict(results.get(timeout=180) for _ in procs)
+        got = {}
+        flood_s: list[float] = []
+        for _ in procs:
+            kind, st, secs = results.get(timeout=180)
+            got[kind] = st
+            flood_s += secs if kind == "flood" else []
         for p in procs:
             p.join(timeout=60)
-        return lat, got, load
+        ok = sum(s == 200 for s in got.get("flood", []))
+        return {
+            "hostile": hostile,
+            "seconds": seconds,
+            "normal_requests": len(lat),
+            "normal_p50_ms": _p50(lat),
+            "normal_p99_ms": _p99(lat),
+            "hostile_status_counts": {
+                k: {str(c): v.count(c) for c in sorted(set(v))} for k, v in got.items()
+            },
+            # The bulk client's own throughput: images answered per second of its requests.
+            "flood_images_per_s": 64 * ok / sum(flood_s) if flood_s else None,
+            "flood_request_s_median": sorted(flood_s)[len(flood_s) // 2] if flood_s else None,
+            "load_average_1min_at_end": load,
+            "statuses": statuses + [c for v in got.values() for c in v],
+        }
 
-    def p99(x: list[float]) -> float:
-        return sorted(x)[int(0.99 * (len(x) - 1))] * 1000 if x else float("nan")
+    def bulk_alone(self, url: str) -> dict:
+        """A bulk client alone (no other requests): images/s over 64-image requests of the flood's
+        3.1 MP PNGs (decoding dominates) and of the 100x100 photo (inference dominates)."""
+        import httpx
 
+        out = {}
+        with httpx.Client(timeout=300) as c:
+            for name, payload, n in (
+                ("photo_64", self.photo, 6),
+                ("flood_png_64", self.payloads["flood"], 2),
+            ):
+                files = [("f", (f"{i}.img", payload, "application/octet-stream")) for i in range(64)]
+                c.post(url + "/v1/predict", files=files)  # warm-up
+                t = time.perf_counter()
+                ok = sum(c.post(url + "/v1/predict", files=files).status_code == 200 for _ in range(n))
+                out[name] = 64 * ok / (time.perf_counter() - t)
+        return out
+
+
+def server_soak(soak: float, out: Path, idle_s: float) -> None:
+    bench = _Bench()
+    srv, url, serve_cmd = bench.start(ROOT)
     rss0 = _rss_mb(srv.pid)
     load0 = os.getloadavg()[0]
     phases = {}
+    statuses: list[int] = []
     for name, hostile, secs in [
         ("idle", [], idle_s),
         ("flood", ["flood"], soak),
         ("all", ["flood", "slow", "explain"], soak),
         ("idle_after", [], idle_s),
     ]:
-        lat, got, load = phase(secs, hostile)
-        phases[name] = {
-            "hostile": hostile,
-            "seconds": secs,
-            "normal_requests": len(lat),
-            "normal_p50_ms": sorted(lat)[len(lat) // 2] * 1000 if lat else float("nan"),
-            "normal_p99_ms": p99(lat),
-            "hostile_status_counts": {
-                k: {str(c): v.count(c) for c in sorted(set(v))} for k, v in got.items()
-            },
-            "load_average_1min_at_end": load,
-            # Per phase: a plateau is one-time growth (arenas, warm-up), a steady rise a leak.
-            "rss_mb_after": _rss_mb(srv.pid),
-        }
-        for v in got.values():
-            statuses.extend(v)
-        hs = phases[name]["hostile_status_counts"]
+        ph = bench.phase(url, secs, hostile)
+        statuses += ph.pop("statuses")
+        # Per phase: a plateau is one-time growth (arenas, warm-up), a steady rise a leak.
+        ph["rss_mb_after"] = _rss_mb(srv.pid)
+        phases[name] = ph
         print(
-            f"{name}: normal p99 {p99(lat):.0f} ms, {len(lat)} requests; hostile {hs}; load {load:.1f}; "
-            f"RSS {phases[name]['rss_mb_after']:.0f} MB",
+            f"{name}: normal p99 {ph['normal_p99_ms']:.0f} ms, {ph['normal_requests']} requests; hostile "
+            f"{ph['hostile_status_counts']}; load {ph['load_average_1min_at_end']:.1f}; "
+            f"RSS {ph['rss_mb_after']:.0f} MB",
             flush=True,
         )
     time.sleep(3)
@@ -324,8 +384,8 @@ def server_soak(soak: float, out: Path, idle_s: float) -> None:
     res = {
         "command": f"python bench/chaos.py --server --soak {soak:g} --idle {idle_s:g}",
         "server": " ".join(["imgclf", *serve_cmd[3:]]) + "  (all other options at their defaults)",
-        "flood_request": {"images": 64, "side_px": side, "bytes": 64 * len(payloads["flood"])},
-        "explain_image": {"side_px": 3000, "bytes": len(payloads["explain"])},
+        "flood_request": {"images": 64, "side_px": bench.side, "bytes": 64 * len(bench.payloads["flood"])},
+        "explain_image": {"side_px": 3000, "bytes": len(bench.payloads["explain"])},
         "soak_s": soak,
         "phases": phases,
         "requests": len(statuses),
@@ -358,6 +418,91 @@ def server_soak(soak: float, out: Path, idle_s: float) -> None:
     )
 
 
+def server_ab(other: Path, rounds: int, soak: float, idle_s: float, out: Path) -> None:
+    """This checkout's server against the one at ``other``, alternating (A B, B A, ...): each
+    round and server runs an idle phase then a flood phase on a fresh server, so both meet the
+    same background load; the flood/idle p99 ratio is taken within one server's round."""
+    bench = _Bench()
+    servers = {"this": ROOT, "other": other.resolve()}
+    rows = []
+    for r in range(rounds):
+        for name in ("this", "other") if r % 2 == 0 else ("other", "this"):
+            srv, url, _ = bench.start(servers[name])
+            idle = bench.phase(url, idle_s, [])
+            flood = bench.phase(url, soak, ["flood"])
+            alone = bench.bulk_alone(url)
+            load_alone = os.getloadavg()[0]
+            srv.send_signal(signal.SIGINT)
+            srv.wait(timeout=60)
+            statuses = idle.pop("statuses") + flood.pop("statuses")
+            row = {
+                "round": r,
+                "server": name,
+                "idle_p50_ms": idle["normal_p50_ms"],
+                "idle_p99_ms": idle["normal_p99_ms"],
+                "flood_p50_ms": flood["normal_p50_ms"],
+                "flood_p99_ms": flood["normal_p99_ms"],
+                "ratio": flood["normal_p99_ms"] / idle["normal_p99_ms"],
+                "normal_requests": idle["normal_requests"] + flood["normal_requests"],
+                "flood_requests_ok": flood["hostile_status_counts"].get("flood", {}).get("200", 0),
+                "flood_images_per_s": flood["flood_images_per_s"],
+                "bulk_alone_photo_images_per_s": alone["photo_64"],
+                "bulk_alone_png_images_per_s": alone["flood_png_64"],
+                "load_idle": idle["load_average_1min_at_end"],
+                "load_flood": flood["load_average_1min_at_end"],
+                "load_bulk_alone": load_alone,
+                "5xx": sum(s >= 500 for s in statuses),
+            }
+            rows.append(row)
+            print(
+                f"round {r} {name:5s}: idle p99 {row['idle_p99_ms']:.0f} ms, flood p50/p99 "
+                f"{row['flood_p50_ms']:.0f}/{row['flood_p99_ms']:.0f} ms, ratio {row['ratio']:.2f}x, "
+                f"bulk {row['flood_images_per_s'] or 0:.1f} img/s (alone: photos "
+                f"{row['bulk_alone_photo_images_per_s']:.0f}, "
+                f"PNGs {row['bulk_alone_png_images_per_s']:.1f}), "
+                f"load {row['load_idle']:.1f}/{row['load_flood']:.1f}/{row['load_bulk_alone']:.1f}, "
+                f"5xx {row['5xx']}",
+                flush=True,
+            )
+
+    def med(name: str, key: str) -> float:
+        v = sorted(x[key] for x in rows if x["server"] == name and x[key] is not None)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    keys = (
+        "idle_p99_ms",
+        "flood_p50_ms",
+        "flood_p99_ms",
+        "ratio",
+        "flood_images_per_s",
+        "bulk_alone_photo_images_per_s",
+        "bulk_alone_png_images_per_s",
+    )
+    summary = {name: {k: med(name, k) for k in keys} for name in servers}
+    res = {
+        "command": f"python bench/chaos.py --server --ab {other} --rounds {rounds} --soak {soak:g} "
+        f"--idle {idle_s:g}",
+        "servers": {k: str(v) for k, v in servers.items()},
+        "rows": rows,
+        "median": summary,
+        "cpu": _cpu(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(
+        "| server | idle p99 ms | flood p50 ms | flood p99 ms | flood p99 / idle p99 | flood img/s | "
+        "bulk alone img/s: photos / PNGs |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, m in summary.items():
+        print(
+            f"| {name} ({servers[name]}) | {m['idle_p99_ms']:.0f} | {m['flood_p50_ms']:.0f} | "
+            f"{m['flood_p99_ms']:.0f} | {m['ratio']:.2f}x | {m['flood_images_per_s']:.1f} | "
+            f"{m['bulk_alone_photo_images_per_s']:.0f} / {m['bulk_alone_png_images_per_s']:.1f} |"
+        )
+    print(f"medians over {rounds} rounds; wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20, help="killed runs (each killed 1-3 times)")
@@ -366,8 +511,22 @@ def main() -> None:
     ap.add_argument("--server", action="store_true", help="the server soak with hostile clients instead")
     ap.add_argument("--soak", type=float, default=60.0, help="server mode: seconds of each attack phase")
     ap.add_argument("--idle", type=float, default=20.0, help="server mode: seconds of each idle phase")
+    ap.add_argument(
+        "--ab",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="server mode: alternate this checkout's server with the one at DIR (e.g. `git archive "
+        "COMMIT | tar -x -C DIR`), idle then flood phases only, and compare",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--ab: rounds (each runs both servers)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.server and a.ab:
+        server_ab(
+            a.ab, a.rounds, a.soak, a.idle, a.out or ROOT / "bench" / "results" / "chaos_server_ab.json"
+        )
+        return
     if a.server:
         server_soak(a.soak, a.out or ROOT / "bench" / "results" / "chaos_server.json", a.idle)
         return

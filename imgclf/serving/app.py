@@ -10,8 +10,9 @@ its own images, so results come back in request order.
 
 Fairness: one client address may have at most ``max_client_requests`` predict/explain requests
 in flight (429 beyond); a request holding more pixels than one maximum-size image decodes on
-lower-priority threads; Grad-CAM runs on its own lower-priority thread with its own model (never
-on the inference thread), one at a time.
+lower-priority threads; small requests are batched first and a bulk one's images run at most
+``bulk_batch`` at a time (see :class:`~imgclf.serving.batcher.Batcher`); Grad-CAM runs on its
+own lower-priority thread with its own model (never on the inference thread), one at a time.
 
 The routes are module-level handlers that read the server's :class:`ServeState` from
 ``request.app.state.serve``; :func:`create_app` only builds that state and wires the router,
@@ -257,6 +258,12 @@ def _release_memory() -> None:
         pass
 
 
+async def _release_memory_off_loop() -> None:
+    """:func:`_release_memory` on a worker thread: trimming a heap of hundreds of MB takes
+    milliseconds, and on the event loop every other request would wait for it."""
+    await asyncio.to_thread(_release_memory)
+
+
 def _limit_malloc_arenas(n: int = 2) -> None:
     """Fewer glibc heaps for this process: decode threads each grow an arena of their own that is
     never handed back, so after one 200 MP request RSS stayed ~90 MB higher (bench/chaos.py)."""
@@ -419,7 +426,8 @@ async def decode_all(
     """
     per_image = per_image or st.settings.max_image_pixels
     total = _check_request_pixels(st, uploads, per_image)
-    pool = st.decode_pool(bulk=background or total > st.settings.max_image_pixels)
+    big = background or total > st.settings.max_image_pixels
+    pool = st.decode_pool(bulk=big)
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(max(1, st.decode_slots // 2))
     b, s = st.bundle, st.settings
@@ -431,7 +439,15 @@ async def decode_all(
                 lambda: b.prepare(up.data, max_pixels=per_image, max_bytes=s.max_upload_bytes, name=up.name),
             )
 
-    results = await asyncio.gather(*(one(up) for up in uploads), return_exceptions=True)
+    # The batcher waits (up to max_wait_ms) to fill a batch only for requests decoding now whose
+    # images would join a small batch: waiting for a bulk request's images (seconds of decoding,
+    # and batched apart anyway) only delayed every small request under a flood.
+    quick = not big and len(uploads) <= st.batcher.share
+    st.batcher.incoming += quick
+    try:
+        results = await asyncio.gather(*(one(up) for up in uploads), return_exceptions=True)
+    finally:
+        st.batcher.incoming -= quick
     for i, (up, r) in enumerate(zip(uploads, results)):
         if isinstance(r, ImageDecodeError):
             raise ApiError(
@@ -498,11 +514,7 @@ async def predict(
     uploads, fields = await read_uploads(request)
     k = parse_top_k(top_k, fields)
     batcher = st.batcher
-    batcher.incoming += 1
-    try:
-        images = await decode_all(st, uploads)
-    finally:
-        batcher.incoming -= 1
+    images = await decode_all(st, uploads)
     try:
         rows = await batcher.submit(images)
     except QueueFull:
@@ -523,7 +535,7 @@ async def predict(
         r["filename"] = up.name
     if sum(im.nbytes for im in images) + sum(len(u.data) for u in uploads) > _TRIM_AFTER_BYTES:
         del images, uploads
-        _release_memory()
+        await _release_memory_off_loop()
     # A plain JSONResponse skips FastAPI's per-field encoding: less work on the event loop.
     return JSONResponse({"predictions": results})
 
@@ -572,7 +584,7 @@ async def explain(
             raise
         raise ApiError(503, "shutting down", "the server is stopping; retry elsewhere") from None
     finally:
-        _release_memory()
+        await _release_memory_off_loop()
     return Response(png, media_type="image/png")
 
 
@@ -592,7 +604,11 @@ async def model_info(request: Request) -> dict[str, Any]:
         "unknown_rejection": m.get("ood"),
         "task": m.get("task", "single-label"),
         "thresholds": m.get("thresholds"),
-        "batching": {"max_batch": st.batcher.max_batch, "max_wait_ms": st.batcher.max_wait * 1000},
+        "batching": {
+            "max_batch": st.batcher.max_batch,
+            "max_wait_ms": st.batcher.max_wait * 1000,
+            "bulk_batch": st.batcher.bulk_batch,
+        },
         "limits": {
             "max_upload_bytes": s.max_upload_bytes,
             "max_pixels": s.max_image_pixels,
@@ -732,6 +748,7 @@ def create_app(
         max_wait_ms=s.max_wait_ms,
         max_queue=s.max_queue,
         on_batch=metrics.on_batch,
+        bulk_batch=s.bulk_batch,
     )
     state = ServeState(
         b,

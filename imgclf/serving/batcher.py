@@ -25,6 +25,8 @@ class ShuttingDown(Exception):
 
 
 _STOP = object()
+# While small and bulk images both wait, at least every BULK_EVERY-th batch is a bulk one.
+BULK_EVERY = 4
 
 
 @dataclass
@@ -32,6 +34,7 @@ class _Item:
     image: np.ndarray
     future: asyncio.Future
     request: int  # which submit() call it came from
+    bulk: bool = False  # its request has more than Batcher.share images
 
 
 class Batcher:
@@ -41,10 +44,15 @@ class Batcher:
     (``max_queue`` images); :meth:`submit` raises :class:`QueueFull` instead of waiting, so an
     overloaded server answers 503 quickly rather than building an unbounded backlog.
 
-    Fair to small requests: while images of several requests wait, one request gets at most a
-    quarter of a batch (:attr:`share`), so a 64-image request is cut into small batches and a
-    one-image request queued behind it goes in the next batch instead of after all 64. A request
-    alone still gets full batches.
+    Fair to small requests. A request of more than a quarter of a batch (:attr:`share`) images is
+    *bulk*; the others are *small*. While small images wait, the next batch holds only small
+    images (oldest first), so a one-image request queued behind a 64-image one goes in the next
+    batch, alone with its peers, and does not pay for bulk images in its own batch. Bulk images
+    fill the batches when no small image waits, and at least every :data:`BULK_EVERY`-th batch
+    while both wait (so a stream of small requests cannot starve a bulk one). ``bulk_batch``
+    caps the images of a bulk batch: a small request that arrives while one runs waits for at
+    most that many images' inference (the server sets it; see ``ServeSettings.bulk_batch``).
+    Unset, a bulk request alone gets full batches and several share one at :attr:`share` each.
     """
 
     def __init__(
@@ -56,11 +64,14 @@ class Batcher:
         max_wait_ms: float = DEFAULTS.max_wait_ms,
         max_queue: int = DEFAULTS.max_queue,
         on_batch: Callable[[int, float], None] | None = None,
+        bulk_batch: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if bulk_batch is not None and bulk_batch < 1:
+            raise ValueError(f"bulk_batch must be >= 1, got {bulk_batch}")
         self.predict = predict
         # One thread owns the model, so batches (and anything sent through run_exclusive) never
         # run on it at the same time. Grad-CAM does not come here: it has its own thread and
@@ -68,7 +79,9 @@ class Batcher:
         self.executor = executor
         self._own_executor = executor is None
         self.max_batch = max_batch
-        self.share = max(1, max_batch // 4)  # most images of one request per batch under contention
+        self.share = max(1, max_batch // 4)  # more images than this in one request: bulk
+        self.bulk_batch = min(bulk_batch, max_batch) if bulk_batch else None
+        self._bulk_skipped = 0  # batches in a row that left waiting bulk images behind
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
@@ -116,7 +129,8 @@ class Batcher:
             raise QueueFull()
         loop = asyncio.get_running_loop()
         req = next(self._requests)
-        items = [_Item(im, loop.create_future(), req) for im in images]
+        bulk = len(images) > self.share
+        items = [_Item(im, loop.create_future(), req, bulk) for im in images]
         for it in items:
             self._queue.put_nowait(it)
         return list(await asyncio.gather(*(it.future for it in items)))
@@ -166,23 +180,34 @@ class Batcher:
         return self._pick(), stop
 
     def _pick(self) -> list[_Item]:
-        """The next batch from ``_pending``: oldest first, at most :attr:`share` images of one
-        request when several requests wait; a request alone fills the batch."""
+        """The next batch from ``_pending``: small images first (see the class docstring)."""
+        small = [it for it in self._pending if not it.bulk]
+        bulk_waits = len(small) < len(self._pending)
+        if bulk_waits and (not small or self._bulk_skipped + 1 >= BULK_EVERY):
+            self._bulk_skipped = 0
+            batch = self._bulk_batch([it for it in self._pending if it.bulk])
+        else:
+            self._bulk_skipped = self._bulk_skipped + 1 if bulk_waits else 0
+            batch = small[: self.max_batch]
+        taken = {id(it) for it in batch}
+        self._pending = deque(it for it in self._pending if id(it) not in taken)
+        return batch
+
+    def _bulk_batch(self, bulk: list[_Item]) -> list[_Item]:
+        """A batch of the waiting bulk images, oldest first: at most ``bulk_batch``; unset, a
+        request alone fills the batch and several get at most :attr:`share` each."""
+        if self.bulk_batch is not None:
+            return bulk[: self.bulk_batch]
+        if len({it.request for it in bulk}) == 1:
+            return bulk[: self.max_batch]
         batch: list[_Item] = []
-        over: list[_Item] = []
         per_request: dict[int, int] = {}
-        while self._pending and len(batch) < self.max_batch:
-            it = self._pending.popleft()
+        for it in bulk:
+            if len(batch) == self.max_batch:
+                break
             if per_request.get(it.request, 0) < self.share:
                 per_request[it.request] = per_request.get(it.request, 0) + 1
                 batch.append(it)
-            else:
-                over.append(it)
-        if len(per_request) == 1:  # no one else is waiting: use the whole batch
-            room = self.max_batch - len(batch)
-            batch += over[:room]
-            over = over[room:]
-        self._pending.extendleft(reversed(over))  # back in front, in their order
         return batch
 
     async def _run(self) -> None:

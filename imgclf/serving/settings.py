@@ -80,6 +80,15 @@ class ServeSettings(_Checked):
         ge=1,
     )
     max_images: int = _opt(64, "most images in one request", ge=1)
+    # A request of more than max_batch // 4 images is bulk (imgclf.serving.batcher): its images go
+    # in batches of at most this many, so a small request that arrives while one runs waits for
+    # few images' inference, not a full batch (bench/chaos.py --server; docs/SERVE.md).
+    bulk_batch: int = _opt(
+        4,
+        "most images of a bulk request (more than a quarter of --max-batch images) per inference "
+        "batch; small requests go first and never wait behind a bigger bulk batch",
+        ge=1,
+    )
     max_queue: int = _opt(1024, "most images waiting for inference; beyond it requests get 503", ge=1)
     decode_threads: int | None = _opt(None, "threads decoding uploads (default: min(4, cores))", ge=1)
     request_timeout_s: float = _opt(
