@@ -39,7 +39,9 @@ def test_round_trip_gives_identical_predictions(mnist_bundle: Path, tmp_path: Pa
     b = load_bundle(mnist_bundle)
     x = _mnist_test_images(b)
     p1 = b.predict_batch(x)
-    save_bundle(tmp_path / "copy", b.model, b.pre, b.classes, metrics=b.meta["metrics"])
+    # The calibration record travels too: the temperature is part of what predict_batch computes.
+    extra = {k: b.meta[k] for k in ("calibration",) if b.meta.get(k)}
+    save_bundle(tmp_path / "copy", b.model, b.pre, b.classes, metrics=b.meta["metrics"], extra=extra)
     p2 = load_bundle(tmp_path / "copy").predict_batch(x)
     assert np.array_equal(p1.argmax(1), p2.argmax(1))
     np.testing.assert_allclose(p1, p2, atol=1e-6)
