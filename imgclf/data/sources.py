@@ -715,15 +715,13 @@ def _split_multi_label(
         if frac <= 0 or len(left) < 2 or want >= 1:
             chosen[name] = np.zeros(0, dtype=np.int64)
             continue
-        k = max(1, int(round(want * len(left))))
-        if k >= len(left):
-            k = len(left) - 1
-        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=k, random_state=seed + i)
+        n_take = min(max(1, int(round(want * len(left)))), len(left) - 1)  # train keeps at least one group
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=n_take, random_state=seed + i)
         rest, take = next(splitter.split(np.zeros(len(left)), g_targets[left]))
         chosen[name], left = left[take], left[rest]
         left_frac -= frac
     chosen = {"train": left, **chosen}
-    return {k: np.sort(np.flatnonzero(np.isin(inverse, v))).astype(np.int64) for k, v in chosen.items()}
+    return {name: np.flatnonzero(np.isin(inverse, g)).astype(np.int64) for name, g in chosen.items()}
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int = 42) -> np.ndarray:
