@@ -364,9 +364,10 @@ def main() -> int:
     arr = dec.images
     labels = dec.labels
     if args.repeat > 1:
+        base = dec.images  # each repeat copies the original rows once (not the growing array)
         for r in range(1, args.repeat):
-            keys = [f"repeat{r}:{i}" for i in range(len(arr))]
-            rows = (arr[i] for i in range(len(arr)))
+            keys = [f"repeat{r}:{i}" for i in range(len(base))]
+            rows = (base[i] for i in range(len(base)))
             more = S.store_arrays(keys, rows, pre, cache_dir=cache)
             arr = S.StoreArray(
                 more.files,
