@@ -382,3 +382,15 @@ def test_inspect_cli_multi_label_and_refusals(colour_garment_dir: Path, tmp_path
     capsys.readouterr()
     assert main(["inspect", "--data", str(colour_garment_dir), "--multi-label", "--labels"]) == 2
     assert "--labels checks single-label data" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_multi_label_bundle(
+    multilabel_bundle: Path, colour_garment_dir: Path, capsys
+) -> None:
+    from imgclf.cli import main
+
+    before = (multilabel_bundle / "model.json").read_bytes()
+    assert main(["calibrate", str(multilabel_bundle), "--data", str(colour_garment_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "per-label decision thresholds" in err and err.count("\n") == 1
+    assert (multilabel_bundle / "model.json").read_bytes() == before

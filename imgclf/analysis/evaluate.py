@@ -539,6 +539,11 @@ def recalibrate(
         raise D.DataError(
             f"{bundle.path}: an exported .onnx file cannot be recalibrated; give the bundle folder"
         )
+    if bundle.multi_label:
+        raise D.DataError(
+            f"{bundle.path}: a multi-label bundle has per-label decision thresholds, not a softmax "
+            "temperature; retrain to choose new thresholds"
+        )
     if split is None:
         index = _index_matching(bundle, _data_spec(bundle, data), cache_dir)
         rec, _ = recorded_splits(bundle)
