@@ -551,11 +551,8 @@ def inspect_source(
     contradictory sets.
     """
     t0 = time.perf_counter()
-    index = D.index_source(str(spec), cache_dir, multi_label=multi_label, label_sep=label_sep)
-    sets = None
-    if multi_label:
-        sets = check_label_sets(index, workers=workers, progress=progress)
-        index = as_label_set_classes(index)
+    ml_index = D.index_source(str(spec), cache_dir, multi_label=multi_label, label_sep=label_sep)
+    index = as_label_set_classes(ml_index) if multi_label else ml_index
     split = _split_of(index, str(splits_file) if splits_file else None)
     infos = scan(index, near=near, workers=workers, max_pixels=max_pixels, progress=progress)
     groups = find_groups(infos, near=near, threshold=threshold, progress=progress)
@@ -569,7 +566,11 @@ def inspect_source(
         huge_pixels=huge_pixels,
         seconds=time.perf_counter() - t0,
     )
-    report.label_sets = sets
+    if multi_label:
+        digests = [""] * len(index)
+        for info in infos:
+            digests[info.index] = info.digest
+        report.label_sets = check_label_sets(ml_index, digests)
     return report
 
 

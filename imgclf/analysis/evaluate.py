@@ -696,11 +696,9 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, *, n_wrong: int = 
     """Write the report files into ``out_dir`` (created); returns their paths.
 
     metrics.json, classification_report.txt, confusion.png, misclassified.png, reliability.png,
-    predictions.csv, report.html. Also sets ``result.out_dir`` and ``result.files``.
+    predictions.csv, report.html (multi-label: co_occurrence.png and thresholds.png instead of the
+    text report, confusion and reliability). Also sets ``result.out_dir`` and ``result.files``.
     """
-    from imgclf.analysis import visualize as V
-    from imgclf.analysis.report import render_report
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -710,56 +708,58 @@ def write_evaluation(result: EvalResult, out_dir: str | Path, *, n_wrong: int = 
         p.write_bytes(blob) if isinstance(blob, bytes) else p.write_text(display_path(blob), encoding="utf-8")
         files[name] = p
 
-    if result.multi_label:
-        return _write_multilabel_evaluation(result, out, files, write, n_wrong)
-    report_txt = classification_report_text(result.labels, result.probs, result.classes)
-    cm_png = V.confusion_png(result.confusion, result.classes)
-    wrong_png = misclassified_png(result, n_wrong)
-    rel_png = reliability_png(result)
+    parts, html = (_multilabel_report_parts if result.multi_label else _report_parts)(result, n_wrong)
     write("metrics.json", json.dumps(result.metrics, indent=2) + "\n")
-    write("classification_report.txt", report_txt)
-    write("confusion.png", cm_png)
-    write("misclassified.png", wrong_png)
-    write("reliability.png", rel_png)
+    for name, blob in parts.items():
+        write(name, blob)
     files["predictions.csv"] = write_predictions_csv(result, out / "predictions.csv")
+    write("report.html", html)
+    result.out_dir, result.files = out, files
+    return list(files.values())
+
+
+def _report_parts(result: EvalResult, n_wrong: int) -> tuple[dict[str, bytes | str], str]:
+    """Single-label: the text report and plots by file name, and report.html."""
+    from imgclf.analysis import visualize as V
+    from imgclf.analysis.report import render_report
+
+    parts: dict[str, bytes | str] = {
+        "classification_report.txt": classification_report_text(result.labels, result.probs, result.classes),
+        "confusion.png": V.confusion_png(result.confusion, result.classes),
+        "misclassified.png": misclassified_png(result, n_wrong),
+        "reliability.png": reliability_png(result),
+    }
     html = render_report(
         result.metrics,
         result.classes,
-        confusion_png=cm_png,
-        misclassified_png=wrong_png,
-        reliability_png=rel_png,
+        confusion_png=parts["confusion.png"],
+        misclassified_png=parts["misclassified.png"],
+        reliability_png=parts["reliability.png"],
         curves_png=training_curves_png(result.bundle),
-        report_text=report_txt,
+        report_text=parts["classification_report.txt"],
         train_metrics=result.bundle.meta.get("metrics") or {},
     )
-    write("report.html", html)
-    result.out_dir, result.files = out, files
-    return list(files.values())
+    return parts, html
 
 
-def _write_multilabel_evaluation(
-    result: EvalResult, out: Path, files: dict[str, Path], write: Any, n_wrong: int
-) -> list[Path]:
-    """metrics.json, co_occurrence.png, thresholds.png, misclassified.png, predictions.csv, report.html."""
+def _multilabel_report_parts(result: EvalResult, n_wrong: int) -> tuple[dict[str, bytes | str], str]:
+    """Multi-label: co-occurrence, threshold curves and wrong label sets by file name, and report.html."""
     from imgclf.analysis import visualize as V
     from imgclf.analysis.report import render_multilabel_report
 
-    co_png = V.co_occurrence_png(np.asarray(result.metrics["co_occurrence"]), result.classes)
-    th_png = V.threshold_curves_png(result.probs, result.targets, result.bundle.thresholds, result.classes)
-    wrong_png = misclassified_png(result, n_wrong)
-    write("metrics.json", json.dumps(result.metrics, indent=2) + "\n")
-    write("co_occurrence.png", co_png)
-    write("thresholds.png", th_png)
-    write("misclassified.png", wrong_png)
-    files["predictions.csv"] = write_predictions_csv(result, out / "predictions.csv")
+    parts: dict[str, bytes | str] = {
+        "co_occurrence.png": V.co_occurrence_png(np.asarray(result.metrics["co_occurrence"]), result.classes),
+        "thresholds.png": V.threshold_curves_png(
+            result.probs, result.targets, result.bundle.thresholds, result.classes
+        ),
+        "misclassified.png": misclassified_png(result, n_wrong),
+    }
     html = render_multilabel_report(
         result.metrics,
         result.classes,
-        co_occurrence_png=co_png,
-        thresholds_png=th_png,
-        misclassified_png=wrong_png,
+        co_occurrence_png=parts["co_occurrence.png"],
+        thresholds_png=parts["thresholds.png"],
+        misclassified_png=parts["misclassified.png"],
         curves_png=training_curves_png(result.bundle),
     )
-    write("report.html", html)
-    result.out_dir, result.files = out, files
-    return list(files.values())
+    return parts, html

@@ -3,9 +3,9 @@ contradictory label sets (the same image content under two different label sets)
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,18 +33,7 @@ class LabelSetReport:
     min_images: int = MIN_IMAGES
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "labels": self.labels,
-            "counts": self.counts,
-            "co_occurrence": self.co_occurrence,
-            "images": self.images,
-            "mean_labels_per_image": self.mean_labels_per_image,
-            "label_sets": self.label_sets,
-            "rare": self.rare,
-            "min_images": self.min_images,
-            "empty": self.empty,
-            "contradictory": self.contradictory,
-        }
+        return dataclasses.asdict(self)
 
     def summary_lines(self) -> list[str]:
         out = [
@@ -76,42 +65,29 @@ class LabelSetReport:
         return out
 
 
-def _hash(path: str) -> str:
-    try:
-        return D.content_hash(Path(path).read_bytes())
-    except OSError:
-        return ""  # unreadable: the main doctor reports it
-
-
 def check_label_sets(
-    index: D.SourceIndex, *, min_images: int = MIN_IMAGES, workers: int = 2, progress: bool = False
+    index: D.SourceIndex, digests: Sequence[str], *, min_images: int = MIN_IMAGES
 ) -> LabelSetReport:
-    """Counts, co-occurrence, rare labels, empty sets and contradictory sets of a multi-label index."""
-    from tqdm import tqdm
+    """Counts, co-occurrence, rare labels, empty sets and contradictory sets of a multi-label index.
 
+    ``digests``: each item's content hash from the doctor's scan ("" when unreadable), so files
+    are not read a second time; equal digests under different label sets are contradictory.
+    """
     if index.targets is None:
         raise D.DataError(f"{index.name}: not a multi-label source (give --multi-label)")
     y = index.targets.astype(np.int64)
     counts = y.sum(axis=0)
     rels = [index.relpath(it) for it in index.items]
     sets = ["|".join(c for c, k in zip(index.classes, row) if k) for row in y]
-    contradictory: list[dict[str, Any]] = []
-    if index.kind == "folder":
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            it = ex.map(_hash, index.items)
-            hashes = list(tqdm(it, total=len(index), desc="label sets", disable=not progress, leave=False))
-        by_hash: dict[str, list[int]] = {}
-        for i, h in enumerate(hashes):
-            if h:
-                by_hash.setdefault(h, []).append(i)
-        for members in by_hash.values():
-            if len({sets[i] for i in members}) > 1:
-                contradictory.append(
-                    {
-                        "files": [rels[i] for i in members],
-                        "label_sets": [sets[i] or "(none)" for i in members],
-                    }
-                )
+    by_hash: dict[str, list[int]] = {}
+    for i, h in enumerate(digests):
+        if h:
+            by_hash.setdefault(h, []).append(i)
+    contradictory = [
+        {"files": [rels[i] for i in members], "label_sets": [sets[i] or "(none)" for i in members]}
+        for members in by_hash.values()
+        if len({sets[i] for i in members}) > 1
+    ]
     return LabelSetReport(
         labels=list(index.classes),
         counts={c: int(n) for c, n in zip(index.classes, counts)},

@@ -54,6 +54,39 @@ def _summary_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _head(m: dict[str, Any], title: str, summary: list[tuple[str, str]]) -> list[str]:
+    """The page up to and including the summary table (both report kinds)."""
+    e = html.escape
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+        f"<p>Bundle <code>{e(str(m.get('bundle', '')))}</code> on <code>{e(str(m.get('data', '')))}</code>, "
+        f"split <b>{e(str(m.get('split', '')))}</b>: {e(str(m.get('selection', '')))}.<br>"
+        f'<span class="muted">Generated {time.strftime("%Y-%m-%d %H:%M:%S")}.</span></p>',
+        "<h2>Summary</h2><table>",
+        *[f'<tr><th class="l">{e(k)}</th><td>{e(v)}</td></tr>' for k, v in summary],
+        "</table>",
+    ]
+
+
+def _failed_and_end(m: dict[str, Any]) -> list[str]:
+    """The unreadable-files section and the closing tags (both report kinds)."""
+    e = html.escape
+    failed = m.get("failed_files") or []
+    parts = [f"<h2>Files that could not be read ({len(failed)})</h2>"]
+    if failed:
+        parts.append('<table id="failed"><tr><th class="l">file</th><th class="l">reason</th></tr>')
+        parts += [
+            f'<tr><td class="l">{e(f["file"])}</td><td class="l">{e(f["reason"])}</td></tr>' for f in failed
+        ]
+        parts.append("</table>")
+    else:
+        parts.append('<p class="muted">None.</p>')
+    return [*parts, "</body></html>"]
+
+
 def per_class_table(m: dict[str, Any], classes: Sequence[str]) -> str:
     """HTML table: precision, recall, F1, support per class; recall under 50 % is highlighted."""
     out = [
@@ -117,18 +150,7 @@ def render_report(
     """The whole report as one HTML string (UTF-8, no external references)."""
     m = metrics
     e = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        f"<p>Bundle <code>{e(str(m.get('bundle', '')))}</code> on <code>{e(str(m.get('data', '')))}</code>, "
-        f"split <b>{e(str(m.get('split', '')))}</b>: {e(str(m.get('selection', '')))}.<br>"
-        f'<span class="muted">Generated {time.strftime("%Y-%m-%d %H:%M:%S")}.</span></p>',
-        "<h2>Summary</h2><table>",
-    ]
-    parts += [f'<tr><th class="l">{e(k)}</th><td>{e(v)}</td></tr>' for k, v in _summary_rows(m)]
-    parts.append("</table>")
+    parts = _head(m, title, _summary_rows(m))
     if m.get("bias"):
         parts.append(_bias_section(m["bias"]))
     parts += [
@@ -168,18 +190,7 @@ def render_report(
             parts.append("<table>")
             parts += [f'<tr><th class="l">{e(k)}</th><td>{e(str(train_metrics[k]))}</td></tr>' for k in keys]
             parts.append("</table>")
-    failed = m.get("failed_files") or []
-    parts.append(f"<h2>Files that could not be read ({len(failed)})</h2>")
-    if failed:
-        parts.append('<table id="failed"><tr><th class="l">file</th><th class="l">reason</th></tr>')
-        parts += [
-            f'<tr><td class="l">{e(f["file"])}</td><td class="l">{e(f["reason"])}</td></tr>' for f in failed
-        ]
-        parts.append("</table>")
-    else:
-        parts.append('<p class="muted">None.</p>')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts + _failed_and_end(m)) + "\n"
 
 
 def per_label_table(m: dict[str, Any], labels: Sequence[str]) -> str:
@@ -214,7 +225,6 @@ def render_multilabel_report(
     """The multi-label report as one HTML string: summary, per-label table, co-occurrence,
     threshold curves, the images whose label set is wrong (missing / extra labels)."""
     m = metrics
-    e = html.escape
     rows = [
         ("images evaluated", str(m.get("n_images", "-"))),
         ("mean average precision (mAP)", f"{float(m['mAP']):.4f}"),
@@ -222,17 +232,7 @@ def render_multilabel_report(
         ("exact match (whole label set right)", _pct(m.get("accuracy"))),
         ("Hamming loss (wrong label decisions)", f"{float(m['hamming_loss']):.4f}"),
     ]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        f"<p>Bundle <code>{e(str(m.get('bundle', '')))}</code> on <code>{e(str(m.get('data', '')))}</code>, "
-        f"split <b>{e(str(m.get('split', '')))}</b>: {e(str(m.get('selection', '')))}.<br>"
-        f'<span class="muted">Generated {time.strftime("%Y-%m-%d %H:%M:%S")}.</span></p>',
-        "<h2>Summary</h2><table>",
-        *[f'<tr><th class="l">{e(k)}</th><td>{e(v)}</td></tr>' for k, v in rows],
-        "</table>",
+    parts = _head(m, title, rows) + [
         "<h2>Per-label metrics</h2>",
         '<p class="muted">A label is predicted when its probability reaches its threshold, chosen on '
         "the validation split for the best F1 when the model was trained.</p>",
@@ -246,15 +246,4 @@ def render_multilabel_report(
         "<h2>Training curves</h2>",
         _img(curves_png, "training curves (the run folder is not available)"),
     ]
-    failed = m.get("failed_files") or []
-    parts.append(f"<h2>Files that could not be read ({len(failed)})</h2>")
-    if failed:
-        parts.append('<table id="failed"><tr><th class="l">file</th><th class="l">reason</th></tr>')
-        parts += [
-            f'<tr><td class="l">{e(f["file"])}</td><td class="l">{e(f["reason"])}</td></tr>' for f in failed
-        ]
-        parts.append("</table>")
-    else:
-        parts.append('<p class="muted">None.</p>')
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts + _failed_and_end(m)) + "\n"

@@ -118,6 +118,10 @@ class SourceIndex:
     def multi_label(self) -> bool:
         return self.targets is not None
 
+    def targets_at(self, idx: np.ndarray) -> np.ndarray | None:
+        """Multi-label sets of items ``idx`` ((n, L) multi-hot), or None for a single-label source."""
+        return None if self.targets is None else self.targets[idx]
+
     @property
     def has_predefined_split(self) -> bool:
         return bool((self.split != "").any())
@@ -593,7 +597,7 @@ def decode_items(
             for j, i in enumerate(tqdm(idx, desc=desc, disable=not progress, leave=False)):
                 out[j] = load_uint8(Image.fromarray(src[i]), pre)
         items = [index.items[i] for i in idx]
-        return Decoded(out, index.labels[idx], items, targets=_rows(index.targets, idx))
+        return Decoded(out, index.labels[idx], items, targets=index.targets_at(idx))
 
     cache = DecodeCache(cache_root(cache_dir), pre) if use_cache else None
     mp = max_pixels if max_pixels is not None else 100_000_000
@@ -634,12 +638,8 @@ def decode_items(
         index.labels[idx[keep]],
         [index.items[idx[k]] for k in keep],
         failed,
-        _rows(index.targets, idx[keep]),
+        index.targets_at(idx[keep]),
     )
-
-
-def _rows(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-    return None if a is None else a[idx]
 
 
 # --------------------------------------------------------------------------- splits

@@ -421,31 +421,23 @@ def build_store(
                 def work(i: int) -> Result:
                     # Runs in a pool thread: reads the index, never writes it (the main thread does).
                     path = index.items[i]
-                    if index.reader is not None:  # tar members: no file to stat, read by byte range
-                        try:
-                            blob = index.reader(path)
-                        except OSError as e:
-                            return None, None, f"cannot read file ({e})", None
-                        k = D.content_hash(blob)
-                        if k in rows or k in bad:
-                            return k, None, bad.get(k, ""), None
-                        try:
-                            return k, load_uint8(blob, pre, max_pixels=mp, name=path), "", None
-                        except ImageDecodeError as e:
-                            return k, None, e.reason + (f" ({e.detail})" if e.detail else ""), None
+                    st = None
                     try:
-                        st = os.stat(path)
-                        # Same size and mtime as when hashed: trust the hash, skip reading the file.
-                        known = stat.get(path)
-                        if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-                            k = known[2]
-                            if k in rows or k in bad:
-                                return k, None, bad.get(k, ""), None
-                        blob = Path(path).read_bytes()
+                        if index.reader is not None:  # tar members: no file to stat, read by byte range
+                            blob = index.reader(path)
+                        else:
+                            st = os.stat(path)
+                            # Same size and mtime as when hashed: trust the hash, skip reading the file.
+                            known = stat.get(path)
+                            if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+                                k = known[2]
+                                if k in rows or k in bad:
+                                    return k, None, bad.get(k, ""), None
+                            blob = Path(path).read_bytes()
                     except OSError as e:
                         return None, None, f"cannot read file ({e})", None
                     k = D.content_hash(blob)
-                    seen = [st.st_size, st.st_mtime_ns, k]
+                    seen = [st.st_size, st.st_mtime_ns, k] if st is not None else None
                     if k in rows or k in bad:
                         return k, None, bad.get(k, ""), seen
                     try:
@@ -484,9 +476,8 @@ def build_store(
             store.dir,
         )
     kept = idx[keep]
-    targets = index.targets[kept] if index.targets is not None else None  # multi-label sets
     items = [index.items[i] for i in kept]
-    return D.Decoded(arr, index.labels[kept], items, failed, targets)  # type: ignore[arg-type]
+    return D.Decoded(arr, index.labels[kept], items, failed, index.targets_at(kept))  # type: ignore[arg-type]
 
 
 def store_arrays(

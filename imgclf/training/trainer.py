@@ -480,13 +480,13 @@ def prepare_data(
         if "val" not in parts and cfg.val_split > 0:
             tr = parts["train"]
             g = groups[np.searchsorted(usable, tr)] if groups is not None else None
-            sub = D.split_indices(index.labels[tr], {"val": cfg.val_split}, cfg.seed, g, _rows(index, tr))
+            sub = D.split_indices(index.labels[tr], {"val": cfg.val_split}, cfg.seed, g, index.targets_at(tr))
             parts["train"], parts["val"] = tr[sub["train"]], tr[sub["val"]]
     else:
         fr = {"val": cfg.val_split}
         if cfg.test_split:
             fr["test"] = cfg.test_split
-        sub = D.split_indices(index.labels[usable], fr, cfg.seed, groups, _rows(index, usable))
+        sub = D.split_indices(index.labels[usable], fr, cfg.seed, groups, index.targets_at(usable))
         parts = {k: usable[v] for k, v in sub.items()}
     if cfg.subset:
         tr = parts["train"]
@@ -519,10 +519,6 @@ def prepare_data(
         failed.extend(dec.failed)
     splits = {name: [index.relpath(i) for i in decoded[name].items] for name in parts}
     return PreparedData(decoded["train"], decoded.get("val"), decoded.get("test"), splits, failed, report)
-
-
-def _rows(index: D.SourceIndex, idx: np.ndarray) -> np.ndarray | None:
-    return index.targets[idx] if index.targets is not None else None
 
 
 @dataclass
@@ -1155,18 +1151,17 @@ class Trainer:
         log.info("multi-label thresholds: %s; %s", how, shown)
         if self.cfg.calibrate != "none" or self.cfg.ood_score != "none":
             log.info("multi-label: no temperature scaling or unknown-image rejection (single-label only)")
+        per_split = {}
         for name, (z, y) in logits.items():
-            m = multilabel_metrics(probs[name], y, th, classes)
-            y_t = torch.from_numpy(y).float()
-            metrics[f"{name}_loss"] = float(F.binary_cross_entropy_with_logits(z, y_t))
+            m = per_split[name] = multilabel_metrics(probs[name], y, th, classes)
+            metrics[f"{name}_loss"] = logit_metrics(z, y)["loss"]  # binary cross-entropy
             metrics[f"{name}_accuracy"] = m["exact_match"]  # exact match: the whole label set right
             metrics[f"{name}_size"] = len(y)
             for k in ("mAP", "micro_f1", "macro_f1", "hamming_loss"):
                 metrics[f"{name}_{k}"] = m[k]
         where = "test" if "test" in logits else "val" if "val" in logits else None
         if where:
-            m = multilabel_metrics(probs[where], logits[where][1], th, classes)
-            metrics["per_label"] = m["per_label"]
+            metrics["per_label"] = per_split[where]["per_label"]
             metrics["per_label_split"] = where
         return {"task": TASK, "thresholds": [float(t) for t in th], "thresholds_fit_on": how}
 
