@@ -67,6 +67,19 @@ def test_shards_list_and_decode_like_the_folder(folder_and_shards: tuple[Path, P
     assert all(np.array_equal(x.phash, y.phash) for x, y in zip(fa, fb))
 
 
+def test_brace_range_names_shards_and_a_gap_is_one_line(folder_and_shards: tuple[Path, Path]) -> None:
+    _, shards = folder_and_shards
+    whole = D.index_source(str(shards))
+    ranged = D.index_source(str(shards / "shard-{000..002}.tar"))
+    assert ranged.items == whole.items and ranged.labels.tolist() == whole.labels.tolist()
+    first_two = D.index_source(str(shards / "shard-{000..001}.tar"))
+    assert len(first_two) == 24 and first_two.items == whole.items[:24]
+    with pytest.raises(DataError, match=r"1 of 4 shards are missing \(first: .*shard-003.tar\)"):
+        D.index_source(str(shards / "shard-{000..003}.tar"))
+    with pytest.raises(DataError, match="no .tar shards found"):
+        D.index_source(str(shards / "other-{0..3}.tar"))
+
+
 def test_json_labels_and_single_shard(tmp_path: Path, folder_and_shards: tuple[Path, Path]) -> None:
     root, _ = folder_and_shards
     folder = D.index_source(str(root))

@@ -2,7 +2,8 @@
 
 A shard holds samples as members sharing a key: ``key.jpg`` (or png, webp, ...) plus ``key.cls``
 (a class name or a class index, as text) or ``key.json`` (an object with ``label``, ``cls`` or
-``class``). ``--data`` names one shard, a glob of shards or a folder holding them (and no
+``class``). ``--data`` names one shard, a glob of shards, a brace range as WebDataset writes
+it (``shards-{000..099}.tar``, expanded by ``braceexpand``) or a folder holding them (and no
 sub-folders). Listing reads the tar headers once and remembers each image's byte range, so
 decoding any subset in any order (what :func:`imgclf.data.sources.decode_items` and the splits
 need) is one seek and one read; the ``webdataset`` package streams shards in order instead, which
@@ -34,7 +35,8 @@ SEP = "::"
 
 
 def is_tar_spec(spec: str) -> bool:
-    """Whether ``spec`` names .tar shards: a .tar file, a glob ending in .tar, or a folder of them."""
+    """Whether ``spec`` names .tar shards: a .tar file, a glob or brace range ending in .tar, or a
+    folder of them."""
     if spec.endswith(".tar"):
         return True
     p = Path(spec)
@@ -54,6 +56,19 @@ def shard_paths(spec: str) -> list[Path]:
     p = Path(spec)
     if p.is_dir():
         found = sorted(c for c in p.iterdir() if c.suffix == ".tar" and c.is_file())
+    elif "{" in spec and not p.is_file():
+        from braceexpand import braceexpand
+
+        named = [Path(f) for f in braceexpand(spec)]
+        missing = [f for f in named if not f.is_file()]
+        if missing and len(missing) < len(named):
+            # A range that names absent shards is a typo or an unfinished copy: training on the
+            # rest would silently drop data.
+            raise DataError(
+                f"--data {spec!r}: {len(missing)} of {len(named)} shards are missing (first: {missing[0]}); "
+                "fix the range or copy the missing shards"
+            )
+        found = [f for f in dict.fromkeys(named) if f.is_file()]  # the range's own order
     elif glob.has_magic(spec):
         found = sorted(Path(f) for f in glob.glob(spec) if f.endswith(".tar") and os.path.isfile(f))
     else:
