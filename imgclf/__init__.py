@@ -118,15 +118,37 @@ def evaluate(
 
 
 def inspect(
-    data: str | Path, *, out: str | Path | None = None, progress: bool = False, **options: Any
+    data: str | Path,
+    *,
+    out: str | Path | None = None,
+    progress: bool = False,
+    labels: bool | dict[str, Any] = False,
+    fix_to: str | Path | None = None,
+    **options: Any,
 ) -> DoctorReport:
     """Run the dataset doctor on a folder or built-in dataset; with ``out`` write inspect.json/html.
 
     ``options`` are :func:`imgclf.analysis.doctor.inspect_source`'s (``near``, ``threshold``, ...).
+    ``labels=True`` adds the label check (``inspect --labels``): K small models give every image
+    an out-of-fold probability and cleanlab ranks the likely label errors (``report.labels``); a
+    dict sets its options (``{"folds": 5, "model": "lenet", "img_size": 24, "epochs": ..., "seed":
+    0, "threads": ...}``, as :func:`imgclf.commands.inspect.label_check`). ``fix_to`` also writes
+    a copy of the folder with the flagged images moved to their suggested class.
     """
     from imgclf.analysis.doctor import inspect_source, write_report
 
+    if fix_to is not None and not labels:
+        raise ValueError("fix_to needs labels=True")
     report = inspect_source(data, progress=progress, **options)
+    if labels:
+        from imgclf.analysis.labels import relabelled_copy
+        from imgclf.commands.inspect import label_check
+
+        given = labels if isinstance(labels, dict) else {}
+        report.labels = label_check(report, **given, fix_to=fix_to, progress=progress)
+        if fix_to is not None:
+            assert report.index is not None
+            relabelled_copy(report.index.root, report.index.items, report.labels, fix_to)
     if out is not None:
         write_report(report, Path(out), html=True, progress=progress)
     return report

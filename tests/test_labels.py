@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import imgclf
 from imgclf import cli
 
 CLASSES = ("0", "1", "2", "3")
@@ -99,6 +100,20 @@ def test_planted_errors_rank_near_the_top(checked: dict) -> None:
     assert lc["oof_accuracy"] > 0.6, lc  # the fold models learnt the classes
     assert len(lc["fold_accuracy"]) == 4
     assert all(sugg[p] != p.split("/")[0] for p in sugg)  # a suggestion is never the given class
+
+
+def test_python_api_ranks_the_same_as_the_cli(checked: dict) -> None:
+    report = imgclf.inspect(
+        str(checked["root"]),
+        near=False,
+        labels={"folds": 4, "threads": 1, "model": "lenet", "img_size": 24},
+    )
+    assert report.labels is not None
+    api = [(e.path, e.suggested) for e in report.labels.issues]
+    cli_ = [(e["path"], e["suggested"]) for e in checked["report"]["label_issues"]]
+    assert api == cli_ and len(api) > 0  # same seed, same folds, same ranking
+    with pytest.raises(ValueError, match="fix_to needs labels"):
+        imgclf.inspect(str(checked["root"]), near=False, fix_to=str(checked["work"] / "never"))
 
 
 def test_json_schema(checked: dict) -> None:

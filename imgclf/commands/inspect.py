@@ -193,7 +193,19 @@ def run(args: argparse.Namespace) -> int:
         label_sep=args.label_sep,
     )
     if args.labels:
-        report.labels = _label_check(report, args, progress)
+        report.labels = label_check(
+            report,
+            folds=args.kfold,
+            seed=args.label_seed,
+            model=args.label_model,
+            img_size=args.label_size,
+            epochs=args.label_epochs,
+            threads=args.threads,
+            fix_to=args.fix_to,
+            workers=args.workers,
+            max_pixels=args.max_pixels,
+            progress=progress,
+        )
     out = Path(args.out)
     try:
         write_report(report, out, html=not args.no_html, progress=progress)
@@ -220,32 +232,53 @@ def run(args: argparse.Namespace) -> int:
     return 1 if args.strict and report.problems else 0
 
 
-def _label_check(report: Any, args: argparse.Namespace, progress: bool) -> Any:
-    """K-fold out-of-fold probabilities (training) ranked by cleanlab (analysis): a LabelReport."""
+def label_check(
+    report: Any,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    model: str | None = None,
+    img_size: int | None = None,
+    epochs: int | None = None,
+    threads: int | None = None,
+    fix_to: str | Path | None = None,
+    workers: int | None = None,
+    max_pixels: int | None = None,
+    progress: bool = False,
+) -> Any:
+    """K-fold out-of-fold probabilities (training) ranked by cleanlab (analysis): a LabelReport.
+
+    ``report`` is the doctor's (:func:`imgclf.analysis.doctor.inspect_source`); its unreadable
+    files are left out. ``fix_to`` is only checked here (before any model trains). ``model``,
+    ``img_size``, ``epochs``, ``workers``, ``max_pixels``: the fold models' training keys (None:
+    :data:`imgclf.training.kfold.DEFAULTS` / the training default).
+    """
     from imgclf.analysis.labels import check_fix_target, find_label_issues
     from imgclf.core.errors import DataError
     from imgclf.training.kfold import out_of_fold_probs
 
     index = report.index
-    if args.fix_to:
+    if report.label_sets is not None:
+        raise DataError("the label check (--labels) is single-label; drop --multi-label")
+    if fix_to:
         if index.kind != "folder":
             raise DataError(f"--fix-to: {index.name} is a built-in dataset; --fix-to copies image folders")
-        check_fix_target(index.root, args.fix_to)  # before the models train, not after
+        check_fix_target(index.root, fix_to)  # before the models train, not after
     # unreadable files are left out (the doctor lists them)
     bad = {e.path for e in report.unreadable}
     keep = [i for i, it in enumerate(index.items) if index.relpath(it) not in bad]
     oof = out_of_fold_probs(
         index,
-        folds=args.kfold,
+        folds=folds,
         subset=keep,
-        seed=args.label_seed,
+        seed=seed,
         progress=progress,
-        threads=args.threads,
-        model=args.label_model,
-        img_size=args.label_size,
-        epochs=args.label_epochs,
-        workers=args.workers,
-        max_pixels=args.max_pixels,
+        threads=threads,
+        model=model,
+        img_size=img_size,
+        epochs=epochs,
+        workers=workers,
+        max_pixels=max_pixels,
     )
     pos = {it: i for i, it in enumerate(index.items)}
     return find_label_issues(
