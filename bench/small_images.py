@@ -7,6 +7,9 @@ then confirmed on natural-images:
 
   sign30    Sign Language Digits shrunk to 30x30 (the suite's seeded 70/10/20 split)
   hymeno30  hymenoptera shrunk to 30x30 (the suite's split: train as given, val halved)
+  fashion28 3,000 Fashion-MNIST training images (seeded draw) as a folder of 28x28 PNGs, the
+            suite's 70/10/20 split: a third small set (greyscale clothes; a folder, so auto
+            treats it as photos, not as the built-in benchmark)
   natural   natural-images as stored (30x30), the suite's split: the confirmation set
 
 Each candidate is the auto recipe with some keys fixed (CANDIDATES); every other key is
@@ -44,6 +47,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "up64": {"img_size": 64},  # upsample to 64 px (resnet10s' stride-2 stem then runs at 32 px)
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     "vgg-native": {"model": "smallervggnet"},  # its model at the native size
+    # Not a size rule, a diagnostic for natural-images: auto's 27 epochs there with half its batch
+    # (twice the steps, as the tune's first trial had), at the native size.
+    "bs32": {"batch_size": 32, "epochs": 27},
 }
 
 
@@ -64,6 +70,25 @@ def _shrink_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _fashion_folder(dst: Path, n: int = 3000) -> Path:
+    """``n`` seeded Fashion-MNIST training images as ``dst/{class}/{i}.png`` (28x28 greyscale)."""
+    import numpy as np
+    from PIL import Image
+
+    from imgclf.data import sources as D
+
+    if (dst / ".done").exists():
+        return dst
+    index = D.index_source("fashion-mnist")
+    train = np.flatnonzero(index.split == "train")
+    for i in sorted(np.random.default_rng(42).choice(train, n, replace=False)):
+        cls = index.classes[int(index.labels[i])].replace("/", "-")
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(index.arrays[i]).save(dst / cls / f"{i:05d}.png")
+    (dst / ".done").write_text("")
+    return dst
+
+
 def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
     if name == "sign30":
         return {
@@ -73,6 +98,8 @@ def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
     if name == "hymeno30":
         split = suite._hymenoptera_split(work)
         return {"data": str(_shrink_tree(split, cache / "hymeno30")), "seed": 42}
+    if name == "fashion28":
+        return {"data": str(_fashion_folder(cache / "fashion28")), **suite.SPLIT}
     if name == "natural":
         return suite.dataset_args("natural", work, 0)
     raise SystemExit(f"unknown dataset {name!r}")
