@@ -149,12 +149,15 @@ def plan(cfg: Any, index: D.SourceIndex) -> Plan:
         budget = math.sqrt(PIXEL_BUDGET / n)
         fits = [s for s in SIZES if s <= budget] or [SIZES[0]]
         size = min(fits[-1], native) if native >= 16 else max(native, 8)
-        p.set(
-            "img_size",
-            int(size),
+        why = (
             f"median short side {native} px over {measured} images; {n} training images fit "
-            f"{int(budget)} px within {PIXEL_BUDGET / 1e6:.0f} MP an epoch",
+            f"{int(budget)} px within {PIXEL_BUDGET / 1e6:.0f} MP an epoch"
         )
+        if 16 <= native < 64:
+            # Measured, not decided: upsampling small photos was a wash on three small sets and a
+            # gain on natural-images (docs/ACCURACY.md, "Small images"); say so where users look.
+            why += "; small photos kept at their size (--img-size 64 gained 2.8 points on 1 small set of 4)"
+        p.set("img_size", int(size), why)
     bs = int(cfg.batch_size)
     if "batch_size" in keys:
         bs = int(min(64, max(16, 2 ** round(math.log2(max(n / 40, 1))))))
