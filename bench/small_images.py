@@ -132,20 +132,7 @@ def main() -> None:
             t0, load0 = time.time(), os.getloadavg()
             run = {**args, **keys, **CANDIDATES[cand], "seed": seed}
             res = imgclf.train(**run, out=str(work / ds / name), progress=False)
-            cfg = json.loads((res.run_dir / "config.json").read_text())
-            row = {
-                "test_accuracy": res.metrics["test_accuracy"],
-                "val_accuracy": res.metrics.get("val_accuracy"),
-                "test_size": res.metrics["test_size"],
-                "train_time_s": res.metrics["train_time_s"],
-                "wall_s": round(time.time() - t0, 1),
-                "epochs_run": res.metrics["epochs_run"],
-                "model": cfg["model"],
-                "img_size": cfg["img_size"],
-                "lr": cfg["lr"],
-                "date": time.strftime("%Y-%m-%d %H:%M"),
-                "load_avg_start": [round(x, 2) for x in load0],
-            }
+            row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr",))
             result["rows"].setdefault(ds, {})[name] = row
             result["cpu"] = suite.cpu_facts()
             a.out.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a crash loses one

@@ -103,6 +103,31 @@ def cpu_facts() -> dict[str, Any]:
     return {"model": model, "flags": flags, "cores": os.cpu_count()}
 
 
+def run_row(
+    run_dir: Path,
+    metrics: dict[str, Any],
+    t0: float,
+    load0: tuple[float, ...],
+    cfg_keys: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One bench row of a finished run: test/val accuracy, times, model, size, when and under what
+    load, plus ``cfg_keys`` from its config.json (the suite, transfer and small-image benches)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return {
+        "test_accuracy": metrics.get("test_accuracy"),
+        "val_accuracy": metrics.get("val_accuracy"),
+        "test_size": metrics.get("test_size"),
+        "train_time_s": metrics["train_time_s"],
+        "wall_s": round(time.time() - t0, 1),
+        "epochs_run": metrics["epochs_run"],
+        "model": cfg["model"],
+        "img_size": cfg["img_size"],
+        **{k: cfg[k] for k in cfg_keys},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_avg_start": [round(x, 2) for x in load0],
+    }
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     for it in items:
@@ -193,19 +218,7 @@ def main() -> None:
                 **dataset_args(ds, work, a.fashion_subset), **keys, out=str(work / ds), progress=False
             )
             run_dir, metrics, extra = res.run_dir, res.metrics, {}
-        cfg = json.loads((run_dir / "config.json").read_text())
-        rows[ds] = {
-            **extra,
-            "test_accuracy": metrics.get("test_accuracy"),
-            "test_size": metrics.get("test_size"),
-            "train_time_s": metrics["train_time_s"],
-            "wall_s": round(time.time() - t0, 1),
-            "epochs_run": metrics["epochs_run"],
-            "model": cfg["model"],
-            "img_size": cfg["img_size"],
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "load_avg_start": [round(x, 2) for x in load0],
-        }
+        rows[ds] = {**extra, **run_row(run_dir, metrics, t0, load0)}
         print(f"{ds}: {rows[ds]}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     out = a.out or ROOT / "bench" / "results" / f"suite-{a.config}{'-quick' if a.quick else ''}.json"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -48,22 +49,11 @@ def main() -> None:
         ("hymenoptera from scratch", {}),
         ("hymenoptera fine-tuned", {"init_weights": backbone}),
     ):
-        t0 = time.time()
+        t0, load0 = time.time(), os.getloadavg()
         res = imgclf.train(**hym, **keys, **extra, out=str(work / name.replace(" ", "-")), progress=False)
-        cfg = json.loads((res.run_dir / "config.json").read_text())
-        rows[name] = {
-            "test_accuracy": res.metrics["test_accuracy"],
-            "val_accuracy": res.metrics["val_accuracy"],
-            "test_size": res.metrics["test_size"],
-            "train_time_s": res.metrics["train_time_s"],
-            "wall_s": round(time.time() - t0, 1),
-            "epochs_run": res.metrics["epochs_run"],
-            "model": cfg["model"],
-            "img_size": cfg["img_size"],
-            "lr": cfg["lr"],
-            "freeze_epochs": cfg["freeze_epochs"],
-            "layer_lr_min": cfg["layer_lr_min"],
-        }
+        rows[name] = suite.run_row(
+            res.run_dir, res.metrics, t0, load0, cfg_keys=("lr", "freeze_epochs", "layer_lr_min")
+        )
         print(f"{name}: {rows[name]}", flush=True)
     gain = rows["hymenoptera fine-tuned"]["test_accuracy"] - rows["hymenoptera from scratch"]["test_accuracy"]
     result = {

@@ -59,8 +59,8 @@ def shard_paths(spec: str) -> list[Path]:
     elif "{" in spec and not p.is_file():
         from braceexpand import braceexpand
 
-        named = [Path(f) for f in braceexpand(spec)]
-        missing = [f for f in named if not f.is_file()]
+        named = {Path(f): Path(f).is_file() for f in braceexpand(spec)}  # the range's own order
+        missing = [f for f, here in named.items() if not here]
         if missing and len(missing) < len(named):
             # A range that names absent shards is a typo or an unfinished copy: training on the
             # rest would silently drop data.
@@ -68,7 +68,7 @@ def shard_paths(spec: str) -> list[Path]:
                 f"--data {spec!r}: {len(missing)} of {len(named)} shards are missing (first: {missing[0]}); "
                 "fix the range or copy the missing shards"
             )
-        found = [f for f in dict.fromkeys(named) if f.is_file()]  # the range's own order
+        found = [f for f, here in named.items() if here]
     elif glob.has_magic(spec):
         found = sorted(Path(f) for f in glob.glob(spec) if f.endswith(".tar") and os.path.isfile(f))
     else:
