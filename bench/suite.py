@@ -76,15 +76,17 @@ def _hymenoptera_split(work: Path) -> Path:
     return dst
 
 
-def dataset_args(name: str, work: Path, fashion_subset: int) -> dict[str, Any]:
+def dataset_args(name: str, work: Path, fashion_subset: int, seed: int = 42) -> dict[str, Any]:
+    """``imgclf.train`` keys for a suite dataset. ``seed`` draws the split of sign/natural (and
+    fashion's training subset) and seeds training; hymenoptera's split is fixed by its folders."""
     if name == "sign":
-        return {"data": str(SHARED / "sign-language-digits"), **SPLIT}
+        return {"data": str(SHARED / "sign-language-digits"), **SPLIT, "seed": seed}
     if name == "natural":
-        return {"data": str(SHARED / "natural-images"), **SPLIT}
+        return {"data": str(SHARED / "natural-images"), **SPLIT, "seed": seed}
     if name == "hymeno":
-        return {"data": str(_hymenoptera_split(work)), "seed": 42}
+        return {"data": str(_hymenoptera_split(work)), "seed": seed}
     if name == "fashion":
-        return {"data": "fashion-mnist", "subset": fashion_subset, "seed": 42}
+        return {"data": "fashion-mnist", "subset": fashion_subset, "seed": seed}
     raise SystemExit(f"unknown dataset {name!r}")
 
 
@@ -175,6 +177,30 @@ def table(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_table(results: Path) -> str:
+    """Markdown: for each dataset and configuration run with more than one seed, the test % per seed
+    (seed 42 is suite-<config>.json, others suite-<config>-seed<N>.json), the mean and the spread."""
+    runs: dict[tuple[str, str], dict[int, float]] = {}
+    for k, _ in TABLE:
+        for f in sorted(results.glob(f"suite-{k}*.json")):
+            tail = f.stem[len(f"suite-{k}") :]
+            if tail and not tail.startswith("-seed"):
+                continue
+            seed = int(tail[len("-seed") :]) if tail else 42
+            for ds, r in json.loads(f.read_text())["rows"].items():
+                if r.get("test_accuracy") is not None:
+                    runs.setdefault((ds, k), {})[seed] = 100 * r["test_accuracy"]
+    lines = ["| dataset | configuration | test % by seed | mean | min-max |", "|---|---|---|---|---|"]
+    for (ds, k), by_seed in sorted(runs.items()):
+        if len(by_seed) < 2:
+            continue
+        vals = list(by_seed.values())
+        seeds = ", ".join(f"{s}: {v:.2f}" for s, v in sorted(by_seed.items()))
+        mean = sum(vals) / len(vals)
+        lines.append(f"| {ds} | {k} | {seeds} | {mean:.2f} | {min(vals):.2f}-{max(vals):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -188,9 +214,21 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 epochs (rows marked partial)")
     ap.add_argument("--fashion-subset", type=int, default=12000)
     ap.add_argument("--budget", type=float, default=1800, help="--config tune: seconds of search a dataset")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="split and training seed; other than 42 writes suite-<config>-seed<N>.json (see --seeds-table)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--seeds-table", action="store_true", help="print each configuration's accuracy over the seeds run"
+    )
     a = ap.parse_args()
+    if a.seeds_table:
+        print(seeds_table(ROOT / "bench" / "results"), end="")
+        return
     if a.table:
         print(table(ROOT / "bench" / "results"), end="")
         return
@@ -208,20 +246,21 @@ def main() -> None:
         if a.config == "tune":
             from imgclf.training.tune import tune
 
-            given = {**dataset_args(ds, work, a.fashion_subset), **keys}
+            given = {**dataset_args(ds, work, a.fashion_subset, a.seed), **keys}
             found = tune(given, budget_s=a.budget, out=work / f"{ds}-tune")
             run_dir = Path(found.best_trial_dir)
             metrics = json.loads((run_dir / "metrics.json").read_text())
             extra = {"trials": found.n_trials, "pruned": found.n_pruned, "search_s": round(found.spent_s)}
         else:
             res = imgclf.train(
-                **dataset_args(ds, work, a.fashion_subset), **keys, out=str(work / ds), progress=False
+                **dataset_args(ds, work, a.fashion_subset, a.seed), **keys, out=str(work / ds), progress=False
             )
             run_dir, metrics, extra = res.run_dir, res.metrics, {}
         rows[ds] = {**extra, **run_row(run_dir, metrics, t0, load0)}
         print(f"{ds}: {rows[ds]}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    out = a.out or ROOT / "bench" / "results" / f"suite-{a.config}{'-quick' if a.quick else ''}.json"
+    suffix = ("-quick" if a.quick else "") + ("" if a.seed == 42 else f"-seed{a.seed}")
+    out = a.out or ROOT / "bench" / "results" / f"suite-{a.config}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     # Rows of datasets not run this time are kept: one file a configuration, filled over runs.
     old = json.loads(out.read_text())["rows"] if out.exists() else {}

@@ -213,6 +213,40 @@ def test_explain_cli_one_map_per_predicted_label(
     )
 
 
+def test_server_explain_draws_each_predicted_label(
+    multilabel_bundle: Path, eager, colour_garment_dir: Path
+) -> None:
+    """/v1/explain on a multi-label model: one overlay per predicted label, side by side, most
+    probable first, each the same map as that label's own request; the header names them."""
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from imgclf.serving.app import create_app
+
+    src = sorted((colour_garment_dir / "test" / "blue_bag").iterdir())[1]
+    probs = eager.predict_batch(eager.prepare(src)[None])[0]
+    order = [int(i) for i in np.argsort(-probs, kind="stable") if probs[i] >= eager.thresholds[i]]
+    want = [eager.classes[i] for i in order] or [eager.classes[int(np.argmax(probs))]]
+    with TestClient(create_app(load_bundle(multilabel_bundle))) as c:
+        r = c.post("/v1/explain", content=src.read_bytes())
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        drawn = json.loads(r.headers["x-explained"])
+        singles = {lab: c.post(f"/v1/explain?class_name={lab}", content=src.read_bytes()) for lab in want}
+    assert [d["label"] for d in drawn] == want
+    assert [d["probability"] for d in drawn] == pytest.approx(
+        [float(probs[eager.classes.index(w)]) for w in want], abs=1e-4
+    )
+    strip = np.asarray(Image.open(io.BytesIO(r.content)))
+    h, w = np.asarray(Image.open(src).convert("RGB")).shape[:2]
+    assert strip.shape[:2] == (h, w * len(want))
+    for i, lab in enumerate(want):
+        one = singles[lab]
+        assert [d["label"] for d in json.loads(one.headers["x-explained"])] == [lab]
+        assert np.array_equal(strip[:, i * w : (i + 1) * w], np.asarray(Image.open(io.BytesIO(one.content))))
+
+
 # ----------------------------------------------------------------------------- predict-batch
 
 

@@ -209,8 +209,13 @@ def test_explain_returns_overlay_png_at_original_size(client, sign_dir):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content))
     assert img.size == Image.open(f).size
+    (drawn,) = json.loads(r.headers["x-explained"])  # the predicted class and its probability
+    pred = client.post("/v1/predict", content=f.read_bytes()).json()["predictions"][0]
+    assert drawn["label"] == pred["label"] and drawn["probability"] == pytest.approx(
+        pred["probability"], abs=1e-4
+    )
     r = client.post("/v1/explain?class_name=3", content=f.read_bytes())
-    assert r.status_code == 200
+    assert r.status_code == 200 and json.loads(r.headers["x-explained"])[0]["label"] == "3"
     _assert_error(client.post("/v1/explain", files=_multipart([f, f])), 400, "one image only")
 
 
@@ -492,15 +497,15 @@ def test_explain_runs_beside_batches_not_on_the_inference_thread(bundle, sign_di
 
     f = _files(sign_dir, classes="6")[0]
     app = create_app(bundle)
-    real_overlay = explain_mod.overlay_png
+    real_explain = explain_mod.explain_png
     seen: dict[str, object] = {}
 
-    def slow_overlay(b, *a, **kw):
+    def slow_explain(b, *a, **kw):
         seen["thread"], seen["bundle"] = threading.current_thread().name, b
         time.sleep(1.5)
-        return real_overlay(b, *a, **kw)
+        return real_explain(b, *a, **kw)
 
-    monkeypatch.setattr(explain_mod, "overlay_png", slow_overlay)
+    monkeypatch.setattr(explain_mod, "explain_png", slow_explain)
     with serve_in_thread(app) as url:
         jpg = f.read_bytes()
         t = threading.Thread(

@@ -168,6 +168,33 @@ def overlay_png(
     return png_bytes(overlay(original, heat, alpha=alpha))
 
 
+def explain_png(
+    bundle: Bundle,
+    source: ImageSource | IO[bytes],
+    class_name: str | None = None,
+    alpha: float = 0.45,
+    *,
+    max_side: int | None = None,
+) -> tuple[bytes, list[tuple[str, float]]]:
+    """(PNG bytes, [(label explained, its probability)]) for one image: the overlay of
+    ``class_name`` or the predicted class; for a multi-label bundle without ``class_name``, one
+    overlay per predicted label (most probable first) side by side in one PNG."""
+    source = _as_reusable(source)
+    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
+    if class_name is not None:
+        ks: list[int | None] = [class_index_of(bundle, class_name)]
+    elif bundle.multi_label:
+        ks = list(labels_to_explain(bundle, source))
+    else:
+        ks = [None]
+    panels, explained = [], []
+    for k in ks:
+        heat, used, original = gradcam(bundle, source, k, max_side=max_side)
+        panels.append(overlay(original, heat, alpha=alpha))
+        explained.append((bundle.classes[used], float(probs[used])))
+    return png_bytes(np.concatenate(panels, axis=1)), explained
+
+
 def explain_file(
     bundle: Bundle, source: ImageSource, class_name: str | None = None, alpha: float = 0.45
 ) -> tuple[bytes, str, float]:
@@ -214,6 +241,7 @@ def explain_labels(
 
 __all__ = [
     "explain_labels",
+    "explain_png",
     "labels_to_explain",
     "UnknownClassError",
     "class_index_of",

@@ -543,6 +543,11 @@ async def predict(
 @router.post(
     "/v1/explain",
     summary="Grad-CAM overlay PNG for one image",
+    description=(
+        "The overlay of `class_name`, else of the predicted class; a multi-label model without "
+        "`class_name` gets one overlay per predicted label, side by side, most probable first. "
+        "The `X-Explained` header lists the labels drawn and their probabilities (JSON)."
+    ),
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
     openapi_extra=_RAW_BODY_DOC,
@@ -567,7 +572,7 @@ async def explain(
             "explain unavailable",
             "Grad-CAM needs the PyTorch weights; serve the bundle folder instead of an .onnx file",
         )
-    from imgclf.analysis.explain import overlay_png  # lazy: pulls in matplotlib
+    from imgclf.analysis.explain import explain_png  # lazy: pulls in matplotlib
 
     if st.explain_lock is None:
         st.explain_lock = asyncio.Lock()
@@ -575,9 +580,9 @@ async def explain(
     try:
         async with st.explain_lock:  # one Grad-CAM at a time: each holds several full-size copies
             # Its own thread and model: batches go on while a Grad-CAM runs.
-            png = await asyncio.get_running_loop().run_in_executor(
+            png, explained = await asyncio.get_running_loop().run_in_executor(
                 st.explain_pool(),
-                lambda: overlay_png(eb, uploads[0].data, class_name=class_name, max_side=EXPLAIN_MAX_SIDE),
+                lambda: explain_png(eb, uploads[0].data, class_name=class_name, max_side=EXPLAIN_MAX_SIDE),
             )
     except RuntimeError as e:  # the pool was shut down under us: the server is stopping
         if "shutdown" not in str(e):
@@ -585,7 +590,8 @@ async def explain(
         raise ApiError(503, "shutting down", "the server is stopping; retry elsewhere") from None
     finally:
         await _release_memory_off_loop()
-    return Response(png, media_type="image/png")
+    header = json.dumps([{"label": c, "probability": round(p, 6)} for c, p in explained])
+    return Response(png, media_type="image/png", headers={"X-Explained": header})
 
 
 @router.get("/v1/model", summary="What this server serves")
