@@ -128,6 +128,25 @@ def test_truncated_shard_is_a_one_line_error(tmp_path: Path, folder_and_shards: 
     _one_line(e, str(junk))
 
 
+def test_compressed_shards_are_one_line_with_the_fix(
+    tmp_path: Path, folder_and_shards: tuple[Path, Path]
+) -> None:
+    import gzip
+
+    from imgclf.cli import main
+
+    _, shards = folder_and_shards
+    packed = tmp_path / "gz" / "shard-000.tar.gz"
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress((shards / "shard-000.tar").read_bytes()))
+    for spec in (packed, packed.parent, tmp_path / "gz" / "shard-{000..000}.tar.gz"):
+        with pytest.raises(DataError) as e:
+            D.index_source(str(spec))
+        _one_line(e, str(packed))
+        assert "gunzip" in str(e.value)
+    assert main(["inspect", "--data", str(packed), "--out", str(tmp_path / "o")]) == 2
+
+
 def test_member_without_label_is_a_one_line_error(tmp_path: Path, sign_dir: Path) -> None:
     shard = tmp_path / "nolabel.tar"
     photos = sorted((sign_dir / "0").iterdir())[:2]

@@ -32,12 +32,19 @@ LABEL_EXTS = ("cls", "json")
 JSON_LABEL_KEYS = ("label", "cls", "class")
 MAX_LABEL_BYTES = 1 << 16  # a .cls/.json label is a few bytes; refuse to read a huge one
 SEP = "::"
+# Compressed shards are refused with the fix: random access needs a plain tar, and JPEG/PNG
+# members barely compress, so decompressing costs little disk.
+COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+
+
+def _is_shard(name: str) -> bool:
+    return name.endswith(".tar") or name.lower().endswith(COMPRESSED)
 
 
 def is_tar_spec(spec: str) -> bool:
     """Whether ``spec`` names .tar shards: a .tar file, a glob or brace range ending in .tar, or a
     folder of them."""
-    if spec.endswith(".tar"):
+    if _is_shard(spec):
         return True
     p = Path(spec)
     if p.is_dir():
@@ -47,7 +54,7 @@ def is_tar_spec(spec: str) -> bool:
             return False
         # A folder of class folders with a stray .tar in it stays a folder source.
         has_dirs = any(c.is_dir() and not c.name.startswith(".") for c in children)
-        return not has_dirs and any(c.suffix == ".tar" and c.is_file() for c in children)
+        return not has_dirs and any(_is_shard(c.name) and c.is_file() for c in children)
     return False
 
 
@@ -55,7 +62,7 @@ def shard_paths(spec: str) -> list[Path]:
     """The shards ``spec`` names, sorted; DataError when there are none."""
     p = Path(spec)
     if p.is_dir():
-        found = sorted(c for c in p.iterdir() if c.suffix == ".tar" and c.is_file())
+        found = sorted(c for c in p.iterdir() if _is_shard(c.name) and c.is_file())
     elif "{" in spec and not p.is_file():
         from braceexpand import braceexpand
 
@@ -70,11 +77,18 @@ def shard_paths(spec: str) -> list[Path]:
             )
         found = [f for f, here in named.items() if here]
     elif glob.has_magic(spec):
-        found = sorted(Path(f) for f in glob.glob(spec) if f.endswith(".tar") and os.path.isfile(f))
+        found = sorted(Path(f) for f in glob.glob(spec) if _is_shard(f) and os.path.isfile(f))
     else:
         found = [p] if p.is_file() else []
     if not found:
         raise DataError(f"--data {spec!r}: no .tar shards found")
+    packed = [f for f in found if f.name.lower().endswith(COMPRESSED)]
+    if packed:
+        raise DataError(
+            f"{packed[0]}: compressed shards are not read ({len(packed)} of {len(found)}); images are "
+            "read by seeking in a plain .tar: decompress them first (e.g. gunzip -k shard.tar.gz, "
+            "or tar -xf and re-pack with tar -cf)"
+        )
     return found
 
 
