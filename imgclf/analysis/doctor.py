@@ -594,75 +594,99 @@ def write_report(
 def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> str:
     """The human summary: a per-class table, then each problem with up to ``max_list`` files."""
     report = _as_dict(report)
-    cols = [
-        ("class", None),
-        ("images", "images"),
-        ("unread", "unreadable"),
-        ("ext!=fmt", "extension_mismatch"),
-        ("tiny", "tiny"),
-        ("huge", "enormous"),
-        ("exact+", "exact_duplicate_copies"),
-        ("near", "near_duplicate_images"),
-        ("conflict", "conflict_images"),
-        ("size (w x h)", None),
-        ("formats", None),
+    lines = [
+        f"imgclf inspect: {report['source']} ({report['totals']['images']} files, {report['seconds']:.1f} s)",
+        *_class_table(report),
+        "",
+        *_totals_lines(report),
+        *_problem_lines(report, max_list),
     ]
+    return "\n".join(lines)
 
-    def size(d: dict[str, Any]) -> str:
-        w, h = d["width_range"], d["height_range"]
-        if not w:
-            return "-"
-        fw = f"{w[0]}" if w[0] == w[1] else f"{w[0]}-{w[1]}"
-        fh = f"{h[0]}" if h[0] == h[1] else f"{h[0]}-{h[1]}"
-        return f"{fw} x {fh}"
 
-    def fmts(d: dict[str, Any]) -> str:
-        return ",".join(f"{k}:{v}" for k, v in sorted(d["formats"].items())) or "-"
+# Columns of the per-class table: heading and the per-class key (None: formatted specially).
+_TABLE_COLS = [
+    ("class", None),
+    ("images", "images"),
+    ("unread", "unreadable"),
+    ("ext!=fmt", "extension_mismatch"),
+    ("tiny", "tiny"),
+    ("huge", "enormous"),
+    ("exact+", "exact_duplicate_copies"),
+    ("near", "near_duplicate_images"),
+    ("conflict", "conflict_images"),
+    ("size (w x h)", None),
+    ("formats", None),
+]
 
+
+def _size_range(d: dict[str, Any]) -> str:
+    w, h = d["width_range"], d["height_range"]
+    if not w:
+        return "-"
+    fw = f"{w[0]}" if w[0] == w[1] else f"{w[0]}-{w[1]}"
+    fh = f"{h[0]}" if h[0] == h[1] else f"{h[0]}-{h[1]}"
+    return f"{fw} x {fh}"
+
+
+def _class_table(report: dict[str, Any]) -> list[str]:
+    """One row a class and a TOTAL row, columns padded to width."""
     rows = []
     for name, d in [*report["per_class"].items(), ("TOTAL", report["totals"])]:
-        row = [name]
-        for _, key in cols[1:-2]:
-            row.append(str(d.get(key, "")))
+        row = [name] + [str(d.get(key, "")) for _, key in _TABLE_COLS[1:-2]]
         if name == "TOTAL":
             row[6] = str(d["exact_duplicate_copies"])
-        row += [size(d), fmts(d)]
-        rows.append(row)
-    head = [c for c, _ in cols]
+        fmts = ",".join(f"{k}:{v}" for k, v in sorted(d["formats"].items())) or "-"
+        rows.append([*row, _size_range(d), fmts])
+    head = [c for c, _ in _TABLE_COLS]
     widths = [max(len(head[k]), *(len(r[k]) for r in rows)) for k in range(len(head))]
-    lines = [
-        f"imgclf inspect: {report['source']} ({report['totals']['images']} files, {report['seconds']:.1f} s)"
-    ]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    lines.append("  ".join("-" * w for w in widths))
+    rule = "  ".join("-" * w for w in widths)
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), rule]
     for r in rows:
         if r[0] == "TOTAL":
-            lines.append("  ".join("-" * w for w in widths))
+            lines.append(rule)
         lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)))
-    t = report["totals"]
-    im = report["imbalance"]
-    lines.append("")
+    return lines
+
+
+def _totals_lines(report: dict[str, Any]) -> list[str]:
+    """Class imbalance and the duplicate / conflict / leakage counts."""
+    t, im, lines = report["totals"], report["imbalance"], []
     if im["ratio"] is not None:
         lines.append(
             f"class imbalance: {im['largest']}/{im['smallest']} = {im['ratio']:.2f}x -> {im['suggestion']}"
         )
+    thr = report["settings"]["near_threshold"]
+    near = (
+        f"(phash distance <= {thr}): {t['near_duplicate_groups']} group(s); "
+        if thr is not None
+        else "not checked (--no-near); "
+    )
     lines.append(
-        f"exact duplicates: {t['exact_duplicate_groups']} group(s); near-duplicates "
-        + (
-            f"(phash distance <= {thr}): {t['near_duplicate_groups']} group(s); "
-            if (thr := report["settings"]["near_threshold"]) is not None
-            else "not checked (--no-near); "
-        )
-        + f"label conflicts: {t['label_conflicts']}; cross-split leakage: {t['leakage_groups']}"
+        f"exact duplicates: {t['exact_duplicate_groups']} group(s); near-duplicates {near}"
+        f"label conflicts: {t['label_conflicts']}; cross-split leakage: {t['leakage_groups']}"
         + ("" if report["splits_checked"] else " (no splits to check)")
     )
+    return lines
+
+
+def _group_line(g: dict[str, Any]) -> str:
+    s = " = ".join(e["path"] for e in g["items"][:4]) + (" ..." if len(g["items"]) > 4 else "")
+    extra = f" [distance <= {g['max_distance']}]" if g["kind"] == "near" else ""
+    if "splits" in g:
+        extra += f" [splits: {', '.join(g['splits'])}]"
+    return s + extra
+
+
+def _problem_lines(report: dict[str, Any], max_list: int) -> list[str]:
+    """Each problem's section (up to ``max_list`` entries), label sets and the label check."""
+    lines: list[str] = []
 
     def section(title: str, entries: list[dict[str, Any]], fmt: Any) -> None:
         if not entries:
             return
         lines.append(f"\n{title} ({len(entries)}):")
-        for e in entries[:max_list]:
-            lines.append("  " + fmt(e))
+        lines.extend("  " + fmt(e) for e in entries[:max_list])
         if len(entries) > max_list:
             lines.append(f"  ... {len(entries) - max_list} more in inspect.json")
 
@@ -675,18 +699,10 @@ def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> s
     )
     section("tiny", report["tiny"], lambda e: f"{e['path']}: {e['size'][0]}x{e['size'][1]}")
     section("enormous", report["enormous"], lambda e: f"{e['path']}: {e['size'][0]}x{e['size'][1]}")
-
-    def grp(g: dict[str, Any]) -> str:
-        s = " = ".join(e["path"] for e in g["items"][:4]) + (" ..." if len(g["items"]) > 4 else "")
-        extra = f" [distance <= {g['max_distance']}]" if g["kind"] == "near" else ""
-        if "splits" in g:
-            extra += f" [splits: {', '.join(g['splits'])}]"
-        return s + extra
-
-    section("label conflicts (same image in several classes)", report["label_conflicts"], grp)
-    section("train/val/test leakage", report["leakage"], grp)
-    section("exact duplicate groups", report["exact_duplicates"], grp)
-    section("near-duplicate groups", report["near_duplicates"], grp)
+    section("label conflicts (same image in several classes)", report["label_conflicts"], _group_line)
+    section("train/val/test leakage", report["leakage"], _group_line)
+    section("exact duplicate groups", report["exact_duplicates"], _group_line)
+    section("near-duplicate groups", report["near_duplicates"], _group_line)
     if "multi_label" in report:
         lines.append("")
         lines += LabelSetReport(**report["multi_label"]).summary_lines()
@@ -705,7 +721,7 @@ def summary_text(report: DoctorReport | dict[str, Any], max_list: int = 10) -> s
                 f"(score {e['score']:.3f}, {e['suggested']} {e['confidence']:.3f})"
             ),
         )
-    return "\n".join(lines)
+    return lines
 
 
 def _thumb(index: D.SourceIndex, i: int, side: int = 96) -> str:
