@@ -12,7 +12,7 @@ import pytest
 
 from imgclf.core.errors import DataError
 from imgclf.core.preprocess import Preprocess
-from imgclf.data import dedup
+from imgclf.data import dedup, tarsource
 from imgclf.data import sources as D
 
 
@@ -106,6 +106,51 @@ def test_shards_train_the_same_as_the_folder(tmp_path: Path, folder_and_shards: 
     for ef, et in zip(hf, ht):
         for k in ("train_loss", "val_loss", "val_acc"):
             assert ef[k] == pytest.approx(et[k], rel=1e-5, abs=1e-6), k
+
+
+def test_split_folders_of_shards_are_the_predefined_split(
+    tmp_path: Path, folder_and_shards: tuple[Path, Path]
+) -> None:
+    """DIR/{train,val,test}/*.tar splits as DIR/{train,val,test}/<class>/ does, and trains the same."""
+    from imgclf.training.api import train
+    from imgclf.training.config import TrainConfig
+
+    root, _ = folder_and_shards
+    flat = D.index_source(str(root))
+    part = {0: "train", 1: "train", 2: "train", 3: "val", 4: "test"}  # by position within its class
+    members: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
+    for i, item in enumerate(flat.items):
+        cls = flat.classes[int(flat.labels[i])]
+        split = part[i % 5]
+        link = tmp_path / "folder" / split / cls / Path(item).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(item)
+        members[split].append((Path(item), cls))
+    for split, files in members.items():
+        (tmp_path / "tars" / split).mkdir(parents=True)
+        with tarfile.open(tmp_path / "tars" / split / "shard-000.tar", "w") as tf:
+            for k, (f, cls) in enumerate(files):
+                _add(tf, f"{k:06d}.jpg", f.read_bytes())
+                _add(tf, f"{k:06d}.cls", cls.encode())
+    folder, tar = D.index_source(str(tmp_path / "folder")), D.index_source(str(tmp_path / "tars"))
+    assert tar.kind == "tar" and tar.has_predefined_split
+    assert tar.split.tolist() == folder.split.tolist() and tar.labels.tolist() == folder.labels.tolist()
+    assert {s: int((tar.split == s).sum()) for s in members} == {"train": 18, "val": 6, "test": 6}
+    runs = {}
+    for name in ("folder", "tars"):
+        cfg = TrainConfig(
+            data=str(tmp_path / name), model="lenet", img_size=28, epochs=1, batch_size=8,
+            out=str(tmp_path / f"run-{name}"), tensorboard=False, seed=3, workers=1,
+        )  # fmt: skip
+        runs[name] = train(cfg, progress=False)
+    assert runs["tars"].metrics["test_size"] == 6
+    for k in ("train_loss", "val_loss", "val_acc"):
+        assert runs["tars"].history[0][k] == pytest.approx(
+            runs["folder"].history[0][k], rel=1e-5, abs=1e-6
+        ), k
+    # Another sub-folder beside the split folders: not a split of shards (nor a folder source).
+    (tmp_path / "tars" / "extra").mkdir()
+    assert not tarsource.is_tar_spec(str(tmp_path / "tars"))
 
 
 def _one_line(e: pytest.ExceptionInfo, name: str) -> None:

@@ -1,4 +1,5 @@
-"""Atomic file writes: readers never see half a file, and interrupted writes leave no temporaries."""
+"""Atomic file writes (readers never see half a file, interrupted writes leave no temporaries) and
+the folder names that mark a predefined train/val/test split."""
 
 from __future__ import annotations
 
@@ -6,6 +7,25 @@ import os
 import re
 import tempfile
 from pathlib import Path
+
+# Folder names (lower-cased) that mark a predefined split, for folders of class folders and of shards.
+SPLIT_DIR_NAMES = {
+    "train": ("train", "training", "training_set", "train_set"),
+    "val": ("val", "valid", "validation", "validation_set", "val_set"),
+    "test": ("test", "testing", "test_set"),
+}
+
+
+def find_split_dirs(root: Path) -> dict[str, Path]:
+    """{split: folder} for the sub-folders of ``root`` named as a split (``Train/`` counts as train)."""
+    found: dict[str, Path] = {}
+    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    for split, names in SPLIT_DIR_NAMES.items():
+        for n in names:
+            if n in children:
+                found[split] = children[n]
+                break
+    return found
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.core.errors import DataError
-from imgclf.core.files import display_path, walk_files
+from imgclf.core.files import SPLIT_DIR_NAMES, display_path, find_split_dirs, walk_files
 from imgclf.core.imageio import ImageDecodeError
 from imgclf.core.preprocess import Preprocess, load_uint8
 
@@ -69,12 +69,6 @@ IDX_MD5 = {
 IDX_URLS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-}
-
-SPLIT_DIR_NAMES = {
-    "train": ("train", "training", "training_set", "train_set"),
-    "val": ("val", "valid", "validation", "validation_set", "val_set"),
-    "test": ("test", "testing", "test_set"),
 }
 
 
@@ -142,17 +136,6 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _find_split_dirs(root: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    children = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    for split, names in SPLIT_DIR_NAMES.items():
-        for n in names:
-            if n in children:
-                found[split] = children[n]
-                break
-    return found
-
-
 def _list_class_files(
     class_dir: Path, skipped: list[tuple[str, str]], seen: set[tuple[int, int]]
 ) -> list[Path]:
@@ -171,7 +154,7 @@ def index_folder(root: str | Path, label_sep: str | None = None) -> SourceIndex:
         raise DataError(f"{root}: no such folder. Give a folder of class folders or one of {BUILTINS}.")
     if not root.is_dir():
         raise DataError(f"{root}: not a folder. Expected the layout {root}/<class>/<image>.")
-    splits = _find_split_dirs(root)
+    splits = find_split_dirs(root)
     if "train" in splits:
         parts = {s: _class_dirs(d) for s, d in splits.items()}
     else:

@@ -3,11 +3,13 @@
 A shard holds samples as members sharing a key: ``key.jpg`` (or png, webp, ...) plus ``key.cls``
 (a class name or a class index, as text) or ``key.json`` (an object with ``label``, ``cls`` or
 ``class``). ``--data`` names one shard, a glob of shards, a brace range as WebDataset writes
-it (``shards-{000..099}.tar``, expanded by ``braceexpand``) or a folder holding them (and no
-sub-folders). Listing reads the tar headers once and remembers each image's byte range, so
-decoding any subset in any order (what :func:`imgclf.data.sources.decode_items` and the splits
-need) is one seek and one read; the ``webdataset`` package streams shards in order instead, which
-fits a training loop but not random subsets, so plain :mod:`tarfile` lists them here.
+it (``shards-{000..099}.tar``, expanded by ``braceexpand``), a folder holding them (and no
+sub-folders) or a folder of ``train/``, ``val/`` and ``test/`` folders of shards (a predefined
+split, as for folders of class folders). Listing reads the tar headers once and remembers each
+image's byte range, so decoding any subset in any order (what
+:func:`imgclf.data.sources.decode_items` and the splits need) is one seek and one read; the
+``webdataset`` package streams shards in order instead, which fits a training loop but not random
+subsets, so plain :mod:`tarfile` lists them here.
 
 Items are ``<shard path>::<member name>``. This module does not import :mod:`imgclf.data.sources`
 (sources imports it: the layer test forbids cycles), so :func:`list_tars` returns a
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.core.errors import DataError
+from imgclf.core.files import find_split_dirs
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pnm"}
 LABEL_EXTS = ("cls", "json")
@@ -42,27 +45,41 @@ def _is_shard(name: str) -> bool:
 
 
 def is_tar_spec(spec: str) -> bool:
-    """Whether ``spec`` names .tar shards: a .tar file, a glob or brace range ending in .tar, or a
-    folder of them."""
+    """Whether ``spec`` names .tar shards: a .tar file, a glob or brace range ending in .tar, a
+    folder of them, or a folder of split folders (``train/``, ``val/``, ``test/``) of them."""
     if _is_shard(spec):
         return True
     p = Path(spec)
     if p.is_dir():
         try:
-            children = list(p.iterdir())
+            return _shard_folder(p) or bool(_split_shard_folders(p))
         except OSError:
             return False
-        # A folder of class folders with a stray .tar in it stays a folder source.
-        has_dirs = any(c.is_dir() and not c.name.startswith(".") for c in children)
-        return not has_dirs and any(_is_shard(c.name) and c.is_file() for c in children)
     return False
+
+
+def _shard_folder(p: Path) -> bool:
+    """Shards and no sub-folders: a folder of class folders with a stray .tar in it stays a folder."""
+    children = list(p.iterdir())
+    has_dirs = any(c.is_dir() and not c.name.startswith(".") for c in children)
+    return not has_dirs and any(_is_shard(c.name) and c.is_file() for c in children)
+
+
+def _split_shard_folders(p: Path) -> dict[str, Path]:
+    """{split: folder} when every sub-folder of ``p`` is a split folder of shards (train among them)."""
+    splits = find_split_dirs(p)
+    dirs = [c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")]
+    if "train" not in splits or len(dirs) != len(splits):
+        return {}
+    return splits if all(_shard_folder(d) for d in splits.values()) else {}
 
 
 def shard_paths(spec: str) -> list[Path]:
     """The shards ``spec`` names, sorted; DataError when there are none."""
     p = Path(spec)
     if p.is_dir():
-        found = sorted(c for c in p.iterdir() if _is_shard(c.name) and c.is_file())
+        dirs = list(_split_shard_folders(p).values()) or [p]
+        found = [f for d in dirs for f in sorted(c for c in d.iterdir() if _is_shard(c.name) and c.is_file())]
     elif "{" in spec and not p.is_file():
         from braceexpand import braceexpand
 
@@ -126,11 +143,7 @@ class TarListing:
     items: list[str]
     labels: np.ndarray
     ranges: dict[str, tuple[str, int, int]]  # item -> (shard path, data offset, size)
-
-    @property
-    def split(self) -> np.ndarray:
-        """No predefined split: "" per item, as a SourceIndex wants."""
-        return np.full(len(self.items), "", dtype=object)
+    split: np.ndarray  # "train"/"val"/"test" per item from split folders, else "" (as a SourceIndex)
 
     def read(self, item: str) -> bytes:
         """The bytes of one image member (OSError when the shard changed or went away)."""
@@ -177,14 +190,17 @@ def _list_shard(shard: Path) -> list[tuple[str, str, int, int]]:
 def list_tars(spec: str) -> TarListing:
     """List every image of the shards ``spec`` names (see :func:`is_tar_spec`) with its class."""
     shards = shard_paths(spec)
+    split_of = {d: k for k, d in _split_shard_folders(Path(spec)).items()} if Path(spec).is_dir() else {}
     items: list[str] = []
     texts: list[str] = []
+    splits: list[str] = []
     ranges: dict[str, tuple[str, int, int]] = {}
     for shard in shards:
         for name, text, offset, size in _list_shard(shard):
             item = f"{shard}{SEP}{name}"
             items.append(item)
             texts.append(text)
+            splits.append(split_of.get(shard.parent, ""))
             ranges[item] = (str(shard), offset, size)
     if not items:
         raise DataError(f"--data {spec!r}: the shards hold no images")
@@ -194,7 +210,9 @@ def list_tars(spec: str) -> TarListing:
     if len(names) < 2:
         raise DataError(f"--data {spec!r}: found one class ({names[0]}); a classifier needs at least two")
     cidx = {c: i for i, c in enumerate(names)}
-    root = shards[0].parent if len(shards) > 1 or Path(spec).is_dir() else shards[0]
+    root = (
+        Path(spec) if split_of else shards[0].parent if len(shards) > 1 or Path(spec).is_dir() else shards[0]
+    )
     return TarListing(
         name=spec,
         root=str(root),
@@ -202,4 +220,5 @@ def list_tars(spec: str) -> TarListing:
         items=items,
         labels=np.asarray([cidx[t] for t in texts], dtype=np.int64),
         ranges=ranges,
+        split=np.asarray(splits, dtype=object),
     )
