@@ -212,6 +212,45 @@ def out_of_fold_probs(
         torch.set_num_threads(threads_before)
 
 
+def _decode_labelled(
+    index: D.SourceIndex, idx: np.ndarray, given: np.ndarray, cfg: TrainConfig, progress: bool
+) -> tuple[Preprocess, D.Decoded, np.ndarray]:
+    """(preprocessing, decoded images, their given labels); unreadable items are dropped from both."""
+    channels = cfg.channels or index.native_channels
+    pre = Preprocess((int(cfg.img_size), int(cfg.img_size)), int(channels))
+    k = len(index.classes)
+    try:  # a bad --label-model / --label-size fails here, before decoding
+        create_model(cfg.model, num_classes=k, in_channels=pre.channels, img_size=pre.size, **cfg.model_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"label check model {cfg.model} at {cfg.img_size} px: {e}") from None
+    dec = D.decode_items(
+        index,
+        idx,
+        pre,
+        cache_dir=cfg.cache_dir,
+        workers=cfg.workers,
+        max_pixels=cfg.max_pixels,
+        progress=progress,
+        desc="decode",
+    )
+    # decode_items keeps the order and drops unreadable items; re-align the given labels
+    pos = {it: j for j, it in enumerate(index.items[i] for i in idx)}
+    keep = np.asarray([pos[it] for it in dec.items], dtype=np.int64)
+    return pre, dec, given[keep]
+
+
+def _fit_schedule(cfg: TrainConfig, n_train: int, overrides: dict[str, Any]) -> TrainConfig:
+    """Batch size and epochs for a fold of ``n_train`` images, unless the caller gave them."""
+    if overrides.get("batch_size") is None and n_train // 8 < cfg.batch_size:
+        cfg = cfg.replace(batch_size=max(8, n_train // 8))  # at least 8 steps an epoch
+    if overrides.get("epochs") is None:
+        per_epoch = max(1, n_train // min(cfg.batch_size, n_train))
+        want = min(MAX_EPOCHS, -(-MIN_STEPS // per_epoch))
+        if want > cfg.epochs:
+            cfg = cfg.replace(epochs=want)
+    return cfg
+
+
 def _out_of_fold(
     data: str | D.SourceIndex,
     folds: int,
@@ -233,35 +272,9 @@ def _out_of_fold(
         raise ValueError(f"labels has {len(given)} entries for {len(idx)} items")
     k = len(index.classes)
     check_folds(given, index.classes, folds, index.name)
-    channels = cfg.channels or index.native_channels
-    pre = Preprocess((int(cfg.img_size), int(cfg.img_size)), int(channels))
-    try:  # a bad --label-model / --label-size fails here, before decoding
-        create_model(cfg.model, num_classes=k, in_channels=pre.channels, img_size=pre.size, **cfg.model_args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"label check model {cfg.model} at {cfg.img_size} px: {e}") from None
-    dec = D.decode_items(
-        index,
-        idx,
-        pre,
-        cache_dir=cfg.cache_dir,
-        workers=cfg.workers,
-        max_pixels=cfg.max_pixels,
-        progress=progress,
-        desc="decode",
-    )
-    # decode_items keeps the order and drops unreadable items; re-align the given labels
-    pos = {it: j for j, it in enumerate(index.items[i] for i in idx)}
-    keep = np.asarray([pos[it] for it in dec.items], dtype=np.int64)
-    y = given[keep]
+    pre, dec, y = _decode_labelled(index, idx, given, cfg, progress)
     check_folds(y, index.classes, folds, index.name)
-    n_train = len(y) - len(y) // folds
-    if overrides.get("batch_size") is None and n_train // 8 < cfg.batch_size:
-        cfg = cfg.replace(batch_size=max(8, n_train // 8))  # at least 8 steps an epoch
-    if overrides.get("epochs") is None:
-        per_epoch = max(1, n_train // min(cfg.batch_size, n_train))
-        want = min(MAX_EPOCHS, -(-MIN_STEPS // per_epoch))
-        if want > cfg.epochs:
-            cfg = cfg.replace(epochs=want)
+    cfg = _fit_schedule(cfg, len(y) - len(y) // folds, overrides)
     device = resolve_device(cfg.device)
     probs = np.zeros((len(y), max(k, 2)), dtype=np.float32)
     fold_of = np.full(len(y), -1, dtype=np.int64)
@@ -299,7 +312,7 @@ def _out_of_fold(
         "seed": seed,
         "model": cfg.model,
         "img_size": int(cfg.img_size),
-        "channels": int(channels),
+        "channels": int(pre.channels),
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer,
