@@ -719,15 +719,7 @@ class Trainer:
         if self.device.type != "cpu":
             log.info("training on %s", self.device)
         self.binary = num_outputs(len(self.index.classes), get_spec(cfg.model), self.multi) == 1
-        self.class_weights = None
-        self.pos_weight = None
-        if self.multi:
-            self._multi_label_weights()
-        elif cfg.class_weights == "auto":
-            k = len(self.index.classes)
-            counts = np.bincount(self.data.train.labels, minlength=k).astype(np.float64)
-            w = counts.sum() / (k * np.maximum(counts, 1))
-            self.class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
+        self._loss_weights()
         self.bf16 = cfg.precision == "bf16"
         if self.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning(
@@ -854,6 +846,18 @@ class Trainer:
             )
             return loss, (out[:, 0] > 0).long()
         return F.cross_entropy(out, yb, weight=w, label_smoothing=self.cfg.label_smoothing), out.argmax(1)
+
+    def _loss_weights(self) -> None:
+        """``class_weights`` (single-label, ``auto``: inverse class frequency) or ``pos_weight``."""
+        self.class_weights = None
+        self.pos_weight = None
+        if self.multi:
+            self._multi_label_weights()
+        elif self.cfg.class_weights == "auto":
+            k = len(self.index.classes)
+            counts = np.bincount(self.data.train.labels, minlength=k).astype(np.float64)
+            w = counts.sum() / (k * np.maximum(counts, 1))
+            self.class_weights = torch.tensor(w, dtype=torch.float32, device=self.device)
 
     def _multi_label_weights(self) -> None:
         """Multi-label: per-label counts in the log; ``pos_weight auto`` = negatives / positives."""
