@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +374,43 @@ def _array_key(a: np.ndarray) -> str:
     return D.content_hash(str(a.shape).encode() + np.ascontiguousarray(a).tobytes())
 
 
+# (content hash or None, decoded image or None, error or "", [size, mtime_ns, hash] to remember or None)
+_Decoded1 = tuple[str | None, np.ndarray | None, str, list[Any] | None]
+
+
+def _hash_and_decode(
+    i: int, *, index: D.SourceIndex, pre: Preprocess, max_pixels: int, ix: dict[str, Any]
+) -> _Decoded1:
+    """Item ``i``'s content hash and, when the store lacks it, its decoded image.
+
+    Runs in a pool thread: reads the index ``ix``, never writes it (the main thread does)."""
+    rows, bad, stat = ix["rows"], ix["failed"], ix["stat"]
+    path = index.items[i]
+    st = None
+    try:
+        if index.reader is not None:  # tar members: no file to stat, read by byte range
+            blob = index.reader(path)
+        else:
+            st = os.stat(path)
+            # Same size and mtime as when hashed: trust the hash, skip reading the file.
+            known = stat.get(path)
+            if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+                k = known[2]
+                if k in rows or k in bad:
+                    return k, None, bad.get(k, ""), None
+            blob = Path(path).read_bytes()
+    except OSError as e:
+        return None, None, f"cannot read file ({e})", None
+    k = D.content_hash(blob)
+    seen = [st.st_size, st.st_mtime_ns, k] if st is not None else None
+    if k in rows or k in bad:
+        return k, None, bad.get(k, ""), seen
+    try:
+        return k, load_uint8(blob, pre, max_pixels=max_pixels, name=path), "", seen
+    except ImageDecodeError as e:
+        return k, None, e.reason + (f" ({e.detail})" if e.detail else ""), seen
+
+
 def build_store(
     index: D.SourceIndex,
     idx: np.ndarray,
@@ -416,35 +454,7 @@ def build_store(
                     keys[s : s + len(part)] = ks
                     bar.update(len(part))
             else:
-                Result = tuple[str | None, np.ndarray | None, str, list[Any] | None]
-
-                def work(i: int) -> Result:
-                    # Runs in a pool thread: reads the index, never writes it (the main thread does).
-                    path = index.items[i]
-                    st = None
-                    try:
-                        if index.reader is not None:  # tar members: no file to stat, read by byte range
-                            blob = index.reader(path)
-                        else:
-                            st = os.stat(path)
-                            # Same size and mtime as when hashed: trust the hash, skip reading the file.
-                            known = stat.get(path)
-                            if known and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-                                k = known[2]
-                                if k in rows or k in bad:
-                                    return k, None, bad.get(k, ""), None
-                            blob = Path(path).read_bytes()
-                    except OSError as e:
-                        return None, None, f"cannot read file ({e})", None
-                    k = D.content_hash(blob)
-                    seen = [st.st_size, st.st_mtime_ns, k] if st is not None else None
-                    if k in rows or k in bad:
-                        return k, None, bad.get(k, ""), seen
-                    try:
-                        return k, load_uint8(blob, pre, max_pixels=mp, name=path), "", seen
-                    except ImageDecodeError as e:
-                        return k, None, e.reason + (f" ({e.detail})" if e.detail else ""), seen
-
+                work = partial(_hash_and_decode, index=index, pre=pre, max_pixels=mp, ix=ix)
                 with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
                     for s in range(0, len(idx), CHUNK):
                         part = idx[s : s + CHUNK]
