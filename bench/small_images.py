@@ -133,6 +133,8 @@ def main() -> None:
             run = {**args, **keys, **CANDIDATES[cand], "seed": seed}
             res = imgclf.train(**run, out=str(work / ds / name), progress=False)
             row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr",))
+            # Re-read before writing: another run of this script (the other core) may have added rows.
+            result = json.loads(a.out.read_text()) if a.out.exists() else {"rows": {}}
             result["rows"].setdefault(ds, {})[name] = row
             result["cpu"] = suite.cpu_facts()
             a.out.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a crash loses one
