@@ -210,9 +210,10 @@ def list_tars(spec: str) -> TarListing:
     if len(names) < 2:
         raise DataError(f"--data {spec!r}: found one class ({names[0]}); a classifier needs at least two")
     cidx = {c: i for i, c in enumerate(names)}
-    root = (
-        Path(spec) if split_of else shards[0].parent if len(shards) > 1 or Path(spec).is_dir() else shards[0]
-    )
+    if Path(spec).is_dir():
+        root = Path(spec)
+    else:
+        root = shards[0].parent if len(shards) > 1 else shards[0]
     return TarListing(
         name=spec,
         root=str(root),
