@@ -124,7 +124,7 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="imgclf-small-"))
     keys = {"tensorboard": False, **({"threads": a.threads} if a.threads else {})}
-    result = json.loads(a.out.read_text()) if a.out.exists() else {"rows": {}}
+    result = _load(a.out)
     for ds in a.datasets:
         args = dataset_args(ds, a.cache, work)
         for cand, seed in [(c, s) for s in a.seeds for c in a.candidates]:
@@ -134,13 +134,17 @@ def main() -> None:
             res = imgclf.train(**run, out=str(work / ds / name), progress=False)
             row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr",))
             # Re-read before writing: another run of this script (the other core) may have added rows.
-            result = json.loads(a.out.read_text()) if a.out.exists() else {"rows": {}}
+            result = _load(a.out)
             result["rows"].setdefault(ds, {})[name] = row
             result["cpu"] = suite.cpu_facts()
             a.out.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a crash loses one
             print(f"{ds} {name}: {row}", flush=True)
     print(table(with_suite_native(result["rows"])))
     print(f"wrote {a.out}")
+
+
+def _load(out: Path) -> dict[str, Any]:
+    return json.loads(out.read_text()) if out.exists() else {"rows": {}}
 
 
 def with_suite_native(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -168,6 +168,28 @@ def overlay_png(
     return png_bytes(overlay(original, heat, alpha=alpha))
 
 
+def _overlays(
+    bundle: Bundle,
+    source: ImageSource | IO[bytes],
+    class_name: str | None,
+    alpha: float,
+    max_side: int | None = None,
+) -> list[tuple[np.ndarray, str, float]]:
+    """[(overlay image, label explained, its probability)]: ``class_name`` or the predicted class;
+    every predicted label of a multi-label bundle (see :func:`labels_to_explain`)."""
+    source = _as_reusable(source)
+    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
+    if bundle.multi_label:
+        ks: list[int | None] = list(labels_to_explain(bundle, source, class_name, probs=probs))
+    else:
+        ks = [class_index_of(bundle, class_name) if class_name is not None else None]
+    out = []
+    for k in ks:
+        heat, used, original = gradcam(bundle, source, k, max_side=max_side)
+        out.append((overlay(original, heat, alpha=alpha), bundle.classes[used], float(probs[used])))
+    return out
+
+
 def explain_png(
     bundle: Bundle,
     source: ImageSource | IO[bytes],
@@ -179,20 +201,8 @@ def explain_png(
     """(PNG bytes, [(label explained, its probability)]) for one image: the overlay of
     ``class_name`` or the predicted class; for a multi-label bundle without ``class_name``, one
     overlay per predicted label (most probable first) side by side in one PNG."""
-    source = _as_reusable(source)
-    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
-    if class_name is not None:
-        ks: list[int | None] = [class_index_of(bundle, class_name)]
-    elif bundle.multi_label:
-        ks = list(labels_to_explain(bundle, source))
-    else:
-        ks = [None]
-    panels, explained = [], []
-    for k in ks:
-        heat, used, original = gradcam(bundle, source, k, max_side=max_side)
-        panels.append(overlay(original, heat, alpha=alpha))
-        explained.append((bundle.classes[used], float(probs[used])))
-    return png_bytes(np.concatenate(panels, axis=1)), explained
+    maps = _overlays(bundle, source, class_name, alpha, max_side)
+    return png_bytes(np.concatenate([m for m, _, _ in maps], axis=1)), [(c, p) for _, c, p in maps]
 
 
 def explain_file(
@@ -206,12 +216,16 @@ def explain_file(
     return png_bytes(overlay(original, heat, alpha=alpha)), bundle.classes[used], prob
 
 
-def labels_to_explain(bundle: Bundle, source: ImageSource, label: str | None = None) -> list[int]:
+def labels_to_explain(
+    bundle: Bundle, source: ImageSource, label: str | None = None, *, probs: np.ndarray | None = None
+) -> list[int]:
     """Indices of the labels a multi-label map is drawn for: ``label`` when given, else every
-    predicted label (most probable first), else (an empty set) the most probable label."""
+    predicted label (most probable first), else (an empty set) the most probable label.
+    ``probs``: the image's probabilities when the caller already has them."""
     if label is not None:
         return [class_index_of(bundle, label)]
-    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
+    if probs is None:
+        probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
     if bundle.thresholds is None:
         return [int(np.argmax(probs))]
     on = np.flatnonzero(probs >= bundle.thresholds)
@@ -226,17 +240,7 @@ def explain_labels(
 ) -> list[tuple[bytes, str, float]]:
     """[(overlay PNG bytes, label explained, its probability)] for one image: one map per
     predicted label of a multi-label bundle (or just ``label``); the predicted class otherwise."""
-    source = _as_reusable(source)
-    if not bundle.multi_label:
-        return [explain_file(bundle, source, label, alpha)]
-    probs = bundle.predict_batch(bundle.prepare(source)[None])[0]
-    out = []
-    for k in labels_to_explain(bundle, source, label):
-        heat, used, original = gradcam(bundle, source, k)
-        out.append(
-            (png_bytes(overlay(original, heat, alpha=alpha)), bundle.classes[used], float(probs[used]))
-        )
-    return out
+    return [(png_bytes(m), c, p) for m, c, p in _overlays(bundle, source, label, alpha)]
 
 
 __all__ = [
