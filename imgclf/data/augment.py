@@ -88,6 +88,8 @@ class Augment:
         theta = self.matrices(p).to(device=x.device, dtype=x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode=self.mode, padding_mode="border", align_corners=False)
+        if self.mode == "bicubic":
+            x = x.clamp(0.0, 255.0)  # the cubic kernel overshoots at edges; inputs are 0-255 pixels
         if p.erase is not None:
             x = self._apply_erase(x, p)
         return x

@@ -277,6 +277,14 @@ class TrainConfig:
         ge=0,
         le=1,
     )
+    aug_interp: str = option(
+        default="bilinear",
+        help=(
+            "augmentation: how warped pixels are resampled; bilinear (as Keras) softens every training "
+            "image, bicubic keeps small images about as sharp as the ones it is tested on"
+        ),
+        choices=("bilinear", "bicubic"),
+    )
     flip: str = option(
         default="auto",
         help="horizontal flip: auto (on for folders, off for built-ins)",

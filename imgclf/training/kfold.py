@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from imgclf.core.errors import ConfigError, DataError
 from imgclf.core.preprocess import Preprocess, normalize
 from imgclf.data import sources as D
-from imgclf.data.augment import Augment
 from imgclf.models.registry import create_model, get_spec, logits_to_probs
 from imgclf.training.config import TrainConfig
-from imgclf.training.trainer import epoch_batches, lr_factor, make_optimizer, resolve_device
+from imgclf.training.trainer import epoch_batches, lr_factor, make_augment, make_optimizer, resolve_device
 
 log = logging.getLogger("imgclf")
 
@@ -149,11 +148,7 @@ def train_fold(
     ).to(device=device, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     base = [cfg.lr * g["lr_mult"] for g in opt.param_groups]
-    aug = (
-        Augment(cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase)
-        if cfg.augment == "on"
-        else None
-    )
+    aug = make_augment(cfg)
     gen = torch.Generator().manual_seed(seed)
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     n = len(labels)

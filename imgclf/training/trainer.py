@@ -414,6 +414,21 @@ def make_batch(
     return normalize(x.permute(0, 2, 3, 1), pre), y
 
 
+def make_augment(cfg: TrainConfig) -> Augment | None:
+    """The run's augmentation from its config (None when ``augment`` is not on)."""
+    if cfg.augment != "on":
+        return None
+    return Augment(
+        cfg.rotation,
+        cfg.shift,
+        cfg.shear,
+        cfg.zoom,
+        flip=cfg.flip == "on",
+        erase=cfg.erase,
+        mode=cfg.aug_interp,
+    )
+
+
 def epoch_batches(
     x_all: torch.Tensor | StoreArray,
     y_all: torch.Tensor,
@@ -778,10 +793,7 @@ class Trainer:
             raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
 
     def _make_augment(self) -> Augment | None:
-        cfg = self.cfg
-        if cfg.augment != "on":
-            return None
-        return Augment(cfg.rotation, cfg.shift, cfg.shear, cfg.zoom, flip=cfg.flip == "on", erase=cfg.erase)
+        return make_augment(self.cfg)
 
     def _decide_auto(self) -> None:
         """``recipe: auto``: decide the flip from the decoded images and the rate by a range test."""
