@@ -11,6 +11,8 @@ then confirmed on natural-images:
             suite's 70/10/20 split: a third small set (greyscale clothes; a folder, so auto
             treats it as photos, not as the built-in benchmark)
   natural   natural-images as stored (30x30), the suite's split: the confirmation set
+  sign30t, hymeno30t  the same photos shrunk as naive thumbnails: point-sampled (no
+            anti-aliasing) and saved as JPEG at PIL's default quality
 
 Each candidate is the auto recipe with some keys fixed (CANDIDATES); every other key is
 decided by auto as for a user. The shrunk copies are built once under --cache (never in the
@@ -55,8 +57,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
-def _shrink_tree(src: Path, dst: Path) -> Path:
-    """Every image under ``src`` resized to SIDE x SIDE (area resampling) into ``dst``, same layout."""
+def _shrink_tree(src: Path, dst: Path, thumbnail: bool = False) -> Path:
+    """Every image under ``src`` resized to SIDE x SIDE into ``dst``, same layout.
+
+    Clean: area resampling, saved as PNG. ``thumbnail``: point-sampled (no anti-aliasing) and
+    saved as JPEG at PIL's default quality, as naive thumbnailing leaves small photos."""
     from PIL import Image
 
     if (dst / ".done").exists():
@@ -64,10 +69,14 @@ def _shrink_tree(src: Path, dst: Path) -> Path:
     for f in sorted(src.rglob("*")):
         if not f.is_file() or f.suffix.lower() not in (".jpg", ".jpeg", ".png"):
             continue
-        out = dst / f.relative_to(src).with_suffix(".png")
+        out = dst / f.relative_to(src).with_suffix(".jpg" if thumbnail else ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(f) as im:
-            im.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BOX).save(out)
+            rgb = im.convert("RGB")
+            if thumbnail:
+                rgb.resize((SIDE, SIDE), Image.Resampling.NEAREST).save(out, "JPEG")
+            else:
+                rgb.resize((SIDE, SIDE), Image.Resampling.BOX).save(out)
     (dst / ".done").write_text("")
     return dst
 
@@ -92,14 +101,13 @@ def _fashion_folder(dst: Path, n: int = 3000) -> Path:
 
 
 def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
-    if name == "sign30":
-        return {
-            "data": str(_shrink_tree(suite.SHARED / "sign-language-digits", cache / "sign30")),
-            **suite.SPLIT,
-        }
-    if name == "hymeno30":
+    thumb = name.endswith("t")  # sign30t, hymeno30t: the same photos shrunk as thumbnails
+    if name in ("sign30", "sign30t"):
+        src = suite.SHARED / "sign-language-digits"
+        return {"data": str(_shrink_tree(src, cache / name, thumb)), **suite.SPLIT}
+    if name in ("hymeno30", "hymeno30t"):
         split = suite._hymenoptera_split(work)
-        return {"data": str(_shrink_tree(split, cache / "hymeno30")), "seed": 42}
+        return {"data": str(_shrink_tree(split, cache / name, thumb)), "seed": 42}
     if name == "fashion28":
         return {"data": str(_fashion_folder(cache / "fashion28")), **suite.SPLIT}
     if name == "natural":
