@@ -154,9 +154,9 @@ def plan(cfg: Any, index: D.SourceIndex) -> Plan:
             f"{int(budget)} px within {PIXEL_BUDGET / 1e6:.0f} MP an epoch"
         )
         if 16 <= native < 64:
-            # Measured, not decided: upsampling small photos was a wash on three small sets and a
+            # Measured, not decided: upsampling small photos was a wash or a loss on five small sets and a
             # gain on natural-images (docs/ACCURACY.md, "Small images"); say so where users look.
-            why += "; small photos kept at their size (--img-size 64 gained 2.8 points on 1 small set of 4)"
+            why += "; small photos kept at their size (--img-size 64 gained 4.3 points on 1 small set of 6)"
         p.set("img_size", int(size), why)
     bs = int(cfg.batch_size)
     if "batch_size" in keys:
