@@ -16,7 +16,7 @@ then confirmed on natural-images:
 
 Each candidate is the auto recipe with some keys fixed (CANDIDATES); every other key is
 decided by auto as for a user. The shrunk copies are built once under --cache (never in the
-repository) with the same area resampling for every image.
+repository): area resampling for the clean sets, point sampling for the thumbnail sets.
 
   python bench/small_images.py --datasets sign30 hymeno30 --threads 1
   python bench/small_images.py --datasets natural --candidates up64 --threads 1
