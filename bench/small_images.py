@@ -165,13 +165,14 @@ def with_suite_native(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, d
     if "natural" not in rows:
         return rows
     native = {}
-    for seed in (42, 43, 44, 45, 46):
-        name = "suite-auto.json" if seed == 42 else f"suite-auto-seed{seed}.json"
-        path = suite.ROOT / "bench" / "results" / name
-        row = json.loads(path.read_text())["rows"].get("natural") if path.exists() else None
-        key = "native" if seed == 42 else f"native@{seed}"
+    results = suite.ROOT / "bench" / "results"
+    # suite-auto.json is seed 42; suite.py --seed N writes suite-auto-seedN.json.
+    for path in sorted(results.glob("suite-auto.json")) + sorted(results.glob("suite-auto-seed*.json")):
+        seed = path.stem.removeprefix("suite-auto").removeprefix("-seed")
+        row = json.loads(path.read_text())["rows"].get("natural")
+        key = f"native@{seed}" if seed else "native"
         if row and key not in rows["natural"]:
-            native[key] = {**row, "source": name}
+            native[key] = {**row, "source": path.name}
     return {**rows, "natural": {**native, **rows["natural"]}}
 
 

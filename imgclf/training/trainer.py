@@ -756,7 +756,7 @@ class Trainer:
             atomic_write_bytes(
                 self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
             )
-        self.aug = self._make_augment()
+        self.aug = make_augment(self.cfg)
         self.opt = make_optimizer(self.model, cfg, layer_lr_mults(self.model, self.loaded, cfg.layer_lr_min))
         self.base_lrs = [cfg.lr * g["lr_mult"] for g in self.opt.param_groups]
         # Freezing needs new layers to train: with every tensor loaded there is nothing to warm up.
@@ -792,9 +792,6 @@ class Trainer:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"--model {cfg.model} --model-args {json.dumps(cfg.model_args)}: {e}") from None
 
-    def _make_augment(self) -> Augment | None:
-        return make_augment(self.cfg)
-
     def _decide_auto(self) -> None:
         """``recipe: auto``: decide the flip from the decoded images and the rate by a range test."""
         from imgclf.training import auto
@@ -823,7 +820,7 @@ class Trainer:
         from imgclf.training import auto
 
         gen = torch.Generator().manual_seed(self.cfg.seed + 1)
-        aug = self._make_augment()
+        aug = make_augment(self.cfg)
         n, bs = len(self.y_all), self.batch_size
 
         def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
