@@ -281,7 +281,8 @@ class TrainConfig:
         default="bilinear",
         help=(
             "augmentation: how warped pixels are resampled; bilinear (as Keras) softens every training "
-            "image, bicubic keeps small images about as sharp as the ones it is tested on"
+            "image, bicubic keeps small images about as sharp as the ones it is tested on (no more "
+            "accurate on three small sets: docs/ACCURACY.md)"
         ),
         choices=("bilinear", "bicubic"),
     )
