@@ -10,6 +10,9 @@ then confirmed on natural-images:
   fashion28 3,000 Fashion-MNIST training images (seeded draw) as a folder of 28x28 PNGs, the
             suite's 70/10/20 split: a third small set (greyscale clothes; a folder, so auto
             treats it as photos, not as the built-in benchmark)
+  fashion28m, mnist28m  7,000 Fashion-MNIST / MNIST training images as folders of 28 px
+            PNGs, 70/10/20: 4,900 training images, as many as natural-images has (4,829), to
+            test whether upsampling pays once a small-photo set is that large
   natural   natural-images as stored (30x30), the suite's split: the confirmation set
   sign30t, hymeno30t  the same photos shrunk as naive thumbnails: point-sampled (no
             anti-aliasing) and saved as JPEG at PIL's default quality
@@ -81,8 +84,8 @@ def _shrink_tree(src: Path, dst: Path, thumbnail: bool = False) -> Path:
     return dst
 
 
-def _fashion_folder(dst: Path, n: int = 3000) -> Path:
-    """``n`` seeded Fashion-MNIST training images as ``dst/{class}/{i}.png`` (28x28 greyscale)."""
+def _fashion_folder(dst: Path, n: int = 3000, source: str = "fashion-mnist") -> Path:
+    """``n`` seeded training images of a built-in IDX set as ``dst/{class}/{i}.png`` (28x28 grey)."""
     import numpy as np
     from PIL import Image
 
@@ -90,7 +93,7 @@ def _fashion_folder(dst: Path, n: int = 3000) -> Path:
 
     if (dst / ".done").exists():
         return dst
-    index = D.index_source("fashion-mnist")
+    index = D.index_source(source)
     train = np.flatnonzero(index.split == "train")
     for i in sorted(np.random.default_rng(42).choice(train, n, replace=False)):
         cls = index.classes[int(index.labels[i])].replace("/", "-")
@@ -110,6 +113,9 @@ def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
         return {"data": str(_shrink_tree(split, cache / name, thumb)), "seed": 42}
     if name == "fashion28":
         return {"data": str(_fashion_folder(cache / "fashion28")), **suite.SPLIT}
+    if name in ("fashion28m", "mnist28m"):  # 7,000 images: natural-images' training-set size
+        source = "fashion-mnist" if name == "fashion28m" else "mnist"
+        return {"data": str(_fashion_folder(cache / name, 7000, source)), **suite.SPLIT}
     if name == "natural":
         return suite.dataset_args("natural", work, 0)
     raise SystemExit(f"unknown dataset {name!r}")
