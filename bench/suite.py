@@ -222,6 +222,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the run folders (bundles) and print where")
     ap.add_argument(
         "--seeds-table", action="store_true", help="print each configuration's accuracy over the seeds run"
     )
@@ -258,7 +259,10 @@ def main() -> None:
             run_dir, metrics, extra = res.run_dir, res.metrics, {}
         rows[ds] = {**extra, **run_row(run_dir, metrics, t0, load0)}
         print(f"{ds}: {rows[ds]}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if a.keep:
+        print(f"run folders kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     suffix = ("-quick" if a.quick else "") + ("" if a.seed == 42 else f"-seed{a.seed}")
     out = a.out or ROOT / "bench" / "results" / f"suite-{a.config}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

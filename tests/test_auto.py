@@ -32,8 +32,12 @@ def test_listing_decisions_follow_each_dataset(sign_dir: Path) -> None:
     hym, _ = _resolved(str(hymeno))
     nat, _ = _resolved(str(natural))
     # Image size: 100 px hands at a 64 px budget; ~370 px insects, few, at the 128 px cap;
-    # 30 px photos at their own size (never upsampled).
-    assert (sign.img_size, hym.img_size, nat.img_size) == (64, 128, 30)
+    # 4,829 training photos of 30 px upsampled to 64 px for resnet10s; 2,000 of them kept at 30 px.
+    assert (sign.img_size, hym.img_size, nat.img_size) == (64, 128, 64)
+    few, _ = _resolved(str(natural), subset=2000)
+    assert few.img_size == 30 and "kept at their size" in few.extra["auto_reasons"]["img_size"]
+    vgg, _ = _resolved(str(natural), model="smallervggnet")
+    assert vgg.img_size == 30  # the rule was measured on resnet10s only
     # Fewer images: smaller batches, more epochs, stronger augmentation.
     assert hym.batch_size < sign.batch_size <= nat.batch_size
     assert hym.epochs >= sign.epochs > nat.epochs

@@ -3,7 +3,8 @@
 Nothing here looks a dataset up by name. The decisions, each logged with its reason:
 
 * from the listing (before decoding, :func:`plan`): the model when none is given, the image
-  size (the images' own median short side, within a pixel budget per epoch), the batch size
+  size (the images' own median short side, within a pixel budget per epoch; small photos of a
+  large set upsampled to 64 px), the batch size
   and the number of epochs (from the training-set size), early-stopping patience and the
   augmentation strength;
 * from the decoded training images (:func:`flip_test`): whether a horizontal flip keeps an
@@ -65,6 +66,12 @@ DATA_KEYS = (
 LATE_KEYS = ("flip", "lr")  # decided in Trainer.setup: they need decoded images / the built model
 PIXEL_BUDGET = 8_000_000  # training pixels per epoch that set the image size (about 1 min an epoch here)
 SIZES = (32, 48, 64, 96, 128)
+# Small photos (16-63 px) go to UPSAMPLE_TO px for resnet10s once the training split holds
+# UPSAMPLE_MIN_TRAIN images: its stride-2 stem and max-pool leave a 30 px photo an 8 px first
+# stage. Upsampling was a wash on five small sets of 245-2,100 training images and a gain on
+# every run of three sets of about 4,900 (docs/ACCURACY.md, "Larger small-photo sets").
+UPSAMPLE_TO = 64
+UPSAMPLE_MIN_TRAIN = 4000
 TARGET_STEPS = 2000  # optimizer steps a run aims at; epochs = this / steps per epoch, within EPOCHS
 EPOCHS = (10, 50)
 # Flip off when mirrored images keep less of the nearest-mean margin than FLIP_KEEP ... Placed
@@ -153,10 +160,19 @@ def plan(cfg: Any, index: D.SourceIndex) -> Plan:
             f"median short side {native} px over {measured} images; {n} training images fit "
             f"{int(budget)} px within {PIXEL_BUDGET / 1e6:.0f} MP an epoch"
         )
-        if 16 <= native < 64:
-            # Measured, not decided: upsampling small photos was a wash or a loss on five small sets and a
-            # gain on natural-images (docs/ACCURACY.md, "Small images"); say so where users look.
-            why += "; small photos kept at their size (--img-size 64 gained 4.3 points on 1 small set of 6)"
+        model = p.values.get("model", cfg.model)
+        if 16 <= native < UPSAMPLE_TO and model == "resnet10s":
+            if n >= UPSAMPLE_MIN_TRAIN:
+                size = UPSAMPLE_TO
+                why += (
+                    f"; small photos upsampled to {UPSAMPLE_TO} px: with {UPSAMPLE_MIN_TRAIN}+ training "
+                    "images the finer feature maps paid 0.2-4.3 points on 3 sets of about 4,900"
+                )
+            else:
+                why += (
+                    f"; small photos kept at their size: below {UPSAMPLE_MIN_TRAIN} training images "
+                    "upsampling was a wash (5 sets)"
+                )
         p.set("img_size", int(size), why)
     bs = int(cfg.batch_size)
     if "batch_size" in keys:
