@@ -6,6 +6,7 @@ then trains the new head alone first and uses per-layer rates from lr/100 to lr)
 
   python bench/transfer.py                          # trains the natural-images backbone first
   python bench/transfer.py --backbone runs/natural/model --threads 1
+  python bench/transfer.py --backbone runs/natural/model --img-size 64 --out bench/results/transfer-64.json
 
 Writes bench/results/transfer.json and prints a Markdown table.
 """
@@ -31,10 +32,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", help="a bundle trained on natural-images (default: train one, auto recipe)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--img-size", type=int, default=None, help="hymenoptera's size for both runs (default: auto's choice)"
+    )
     ap.add_argument("--out", type=Path, default=suite.ROOT / "bench" / "results" / "transfer.json")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgclf-transfer-"))
     keys = {"tensorboard": False, **({"threads": a.threads} if a.threads else {})}
+    hym_keys = {"img_size": a.img_size} if a.img_size else {}
     backbone = a.backbone
     rows: dict[str, dict] = {}
     if backbone is None:
@@ -50,7 +55,9 @@ def main() -> None:
         ("hymenoptera fine-tuned", {"init_weights": backbone}),
     ):
         t0, load0 = time.time(), os.getloadavg()
-        res = imgclf.train(**hym, **keys, **extra, out=str(work / name.replace(" ", "-")), progress=False)
+        res = imgclf.train(
+            **hym, **keys, **hym_keys, **extra, out=str(work / name.replace(" ", "-")), progress=False
+        )
         rows[name] = suite.run_row(
             res.run_dir, res.metrics, t0, load0, cfg_keys=("lr", "freeze_epochs", "layer_lr_min")
         )
