@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", help="a bundle trained on natural-images (default: train one, auto recipe)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=42, help="hymenoptera's training seed (its split is fixed)")
     ap.add_argument(
         "--img-size", type=int, default=None, help="hymenoptera's size for both runs (default: auto's choice)"
     )
@@ -49,7 +50,7 @@ def main() -> None:
             "test_accuracy": res.metrics["test_accuracy"],
             "train_time_s": res.metrics["train_time_s"],
         }
-    hym = suite.dataset_args("hymeno", work, 0)
+    hym = suite.dataset_args("hymeno", work, 0, a.seed)
     for name, extra in (
         ("hymenoptera from scratch", {}),
         ("hymenoptera fine-tuned", {"init_weights": backbone}),
@@ -65,6 +66,7 @@ def main() -> None:
     gain = rows["hymenoptera fine-tuned"]["test_accuracy"] - rows["hymenoptera from scratch"]["test_accuracy"]
     result = {
         "backbone": backbone,
+        "seed": a.seed,
         "rows": rows,
         "gain_points": round(100 * gain, 2),
         "cpu": suite.cpu_facts(),
