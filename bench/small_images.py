@@ -15,6 +15,8 @@ mnist28m (4,900), so auto upsamples 16-63 px photos to 64 px from 4,000 training
   fashion28m, mnist28m  7,000 Fashion-MNIST / MNIST training images as folders of 28 px
             PNGs, 70/10/20: 4,900 training images, as many as natural-images has (4,829), to
             test whether upsampling pays once a small-photo set is that large
+  fashion28h, mnist28h  the same from 5,000 images (3,500 training images): where between
+            2,100 and 4,900 training images upsampling starts to pay (the threshold's place)
   natural   natural-images as stored (30x30), the suite's split: the first check
   sign30t, hymeno30t  the same photos shrunk as naive thumbnails: point-sampled (no
             anti-aliasing) and saved as JPEG at PIL's default quality
@@ -117,9 +119,11 @@ def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
         return {"data": str(_shrink_tree(split, cache / name, thumb)), "seed": 42}
     if name == "fashion28":
         return {"data": str(_fashion_folder(cache / "fashion28")), **suite.SPLIT}
-    if name in ("fashion28m", "mnist28m"):  # 7,000 images: natural-images' training-set size
-        source = "fashion-mnist" if name == "fashion28m" else "mnist"
-        return {"data": str(_fashion_folder(cache / name, 7000, source)), **suite.SPLIT}
+    if name in ("fashion28m", "mnist28m", "fashion28h", "mnist28h"):
+        # m: 7,000 images (natural-images' training-set size); h: 5,000, between fashion28 and m
+        source = "fashion-mnist" if name.startswith("fashion") else "mnist"
+        n = 7000 if name.endswith("m") else 5000
+        return {"data": str(_fashion_folder(cache / name, n, source)), **suite.SPLIT}
     if name == "natural":
         return suite.dataset_args("natural", work, 0)
     raise SystemExit(f"unknown dataset {name!r}")
