@@ -112,6 +112,17 @@ def _fashion_folder(dst: Path, n: int = 3000, source: str = "fashion-mnist") -> 
     return dst
 
 
+# Built-in IDX sets written out as folders of 28 px PNGs: (source, images). 3,000 (2,100 training),
+# 5,000 (3,500) between that and 7,000 (4,900, natural-images' training-set size).
+IDX_FOLDERS: dict[str, tuple[str, int]] = {
+    "fashion28": ("fashion-mnist", 3000),
+    "fashion28h": ("fashion-mnist", 5000),
+    "mnist28h": ("mnist", 5000),
+    "fashion28m": ("fashion-mnist", 7000),
+    "mnist28m": ("mnist", 7000),
+}
+
+
 def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
     thumb = name.endswith("t")  # sign30t, hymeno30t: the same photos shrunk as thumbnails
     if name in ("sign30", "sign30t"):
@@ -120,12 +131,8 @@ def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
     if name in ("hymeno30", "hymeno30t"):
         split = suite._hymenoptera_split(work)
         return {"data": str(_shrink_tree(split, cache / name, thumb)), "seed": 42}
-    if name == "fashion28":
-        return {"data": str(_fashion_folder(cache / "fashion28")), **suite.SPLIT}
-    if name in ("fashion28m", "mnist28m", "fashion28h", "mnist28h"):
-        # m: 7,000 images (natural-images' training-set size); h: 5,000, between fashion28 and m
-        source = "fashion-mnist" if name.startswith("fashion") else "mnist"
-        n = 7000 if name.endswith("m") else 5000
+    if name in IDX_FOLDERS:
+        source, n = IDX_FOLDERS[name]
         return {"data": str(_fashion_folder(cache / name, n, source)), **suite.SPLIT}
     if name == "natural":
         return suite.dataset_args("natural", work, 0)
