@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,14 @@ def test_listing_decisions_follow_each_dataset(sign_dir: Path) -> None:
     assert few.img_size == 30 and "kept at their size" in few.extra["auto_reasons"]["img_size"]
     vgg, _ = _resolved(str(natural), model="smallervggnet")
     assert vgg.img_size == 30  # the rule was measured on resnet10s only
-    # Fewer images: smaller batches, more epochs, stronger augmentation.
+    # Fewer images: smaller batches, more epochs (about TARGET_STEPS steps), stronger augmentation.
     assert hym.batch_size < sign.batch_size <= nat.batch_size
-    assert hym.epochs >= sign.epochs > nat.epochs
+    assert hym.epochs >= sign.epochs >= nat.epochs
+    mnist_full, _ = _resolved("mnist")
+    for cfg in (sign, hym, nat, mnist_full):
+        steps = int(cfg.extra["auto_reasons"]["epochs"].split()[0])  # "N steps an epoch: ..."
+        assert cfg.epochs == min(auto.EPOCHS[1], max(auto.EPOCHS[0], math.ceil(auto.TARGET_STEPS / steps)))
+    assert mnist_full.epochs < nat.epochs  # 54,000 training images need fewer passes
     assert hym.rotation > nat.rotation
     assert {sign.model, hym.model, nat.model} == {"resnet10s"}
     mnist, _ = _resolved("mnist", subset=2000)
