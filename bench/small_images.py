@@ -96,7 +96,7 @@ def _shrink_tree(src: Path, dst: Path, thumbnail: bool = False) -> Path:
     return dst
 
 
-def _fashion_folder(dst: Path, n: int = 3000, source: str = "fashion-mnist") -> Path:
+def _idx_folder(dst: Path, source: str, n: int) -> Path:
     """``n`` seeded training images of a built-in IDX set as ``dst/{class}/{i}.png`` (28x28 grey)."""
     import numpy as np
     from PIL import Image
@@ -136,7 +136,7 @@ def dataset_args(name: str, cache: Path, work: Path) -> dict[str, Any]:
         return {"data": str(_shrink_tree(split, cache / name, thumb)), "seed": 42}
     if name in IDX_FOLDERS:
         source, n = IDX_FOLDERS[name]
-        return {"data": str(_fashion_folder(cache / name, n, source)), **suite.SPLIT}
+        return {"data": str(_idx_folder(cache / name, source, n)), **suite.SPLIT}
     if name == "natural":
         return suite.dataset_args("natural", work, 0)
     raise SystemExit(f"unknown dataset {name!r}")
