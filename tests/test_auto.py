@@ -59,6 +59,22 @@ def test_listing_decisions_follow_each_dataset(sign_dir: Path) -> None:
         assert set(cfg.extra["auto_reasons"]) >= {"img_size", "batch_size", "epochs"}
 
 
+def test_large_photo_sets_are_not_shrunk_below_the_upsampling_size(sign_dir: Path, tmp_path: Path) -> None:
+    # Sign's 100 px photos listed twice: 2,886 training images, where the pixel budget alone
+    # allows 48 px; from UPSAMPLE_MIN_TRAIN images resnet10s gets UPSAMPLE_TO, as small photos do.
+    files = sorted(f for f in sign_dir.glob("*/*") if f.is_file())
+    rows = [f"{f},{f.parent.name}" for f in files] * 2
+    manifest = tmp_path / "twice.csv"
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    big, _ = _resolved(str(manifest))
+    assert 2 * len(files) * 0.7 >= auto.UPSAMPLE_MIN_TRAIN
+    assert big.img_size == auto.UPSAMPLE_TO and "not shrunk below" in big.extra["auto_reasons"]["img_size"]
+    under, _ = _resolved(str(manifest), subset=2000)  # below the threshold the budget decides
+    assert under.img_size == 48 and "not shrunk" not in under.extra["auto_reasons"]["img_size"]
+    vgg, _ = _resolved(str(manifest), model="smallervggnet")
+    assert vgg.img_size == 48  # the floor was measured on resnet10s only
+
+
 def test_user_values_are_never_decided(sign_dir: Path) -> None:
     cfg, _ = _resolved(str(sign_dir), model="simplecnn", lr=0.004, epochs=3, flip="on", img_size=48)
     assert (cfg.model, cfg.lr, cfg.epochs, cfg.flip, cfg.img_size) == ("simplecnn", 0.004, 3, "on", 48)
