@@ -198,7 +198,7 @@ def test_manifest_csv_and_parquet_single_label(tmp_path: Path, small_sign_folder
     assert m.classes == folder.classes
     assert [os.path.realpath(p) for p in m.items] == [os.path.realpath(p) for p in folder.items]
     assert (m.labels == folder.labels).all()
-    assert list(m.split) == [s for _, _, s in rows]
+    assert list(m.split) == [s or "train" for _, _, s in rows]  # unmarked rows train, never dropped
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 

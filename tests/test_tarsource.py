@@ -213,3 +213,47 @@ def test_cli_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["inspect", "--data", str(junk), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert str(junk) in err and len(err.splitlines()) == 1
+
+
+def test_json_split_values_mark_samples_and_unmarked_ones_train(
+    tmp_path: Path, folder_and_shards: tuple[Path, Path]
+) -> None:
+    """A ``split`` in a sample's JSON is its predefined split; samples without one train (not dropped)."""
+    from imgclf.training.recipes import config_from
+    from imgclf.training.trainer import prepare_data, resolve_defaults
+
+    root, _ = folder_and_shards
+    flat = D.index_source(str(root))
+    marks = {0: "test", 1: "Validation"}  # any split name the folders accept
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tf:
+        for k, item in enumerate(flat.items):
+            meta: dict[str, str] = {"label": flat.classes[int(flat.labels[k])]}
+            if k % 5 in marks:
+                meta["split"] = marks[k % 5]
+            _add(tf, f"{k:06d}.jpg", Path(item).read_bytes())
+            _add(tf, f"{k:06d}.json", json.dumps(meta).encode())
+    tar = D.index_source(str(tmp_path / "shard-000.tar"))
+    want = ["test" if k % 5 == 0 else "val" if k % 5 == 1 else "train" for k in range(len(flat))]
+    assert tar.has_predefined_split and tar.split.tolist() == want
+    cfg = resolve_defaults(config_from({"data": str(tmp_path / "shard-000.tar"), "recipe": "default"}), tar)
+    data = prepare_data(cfg, tar, Preprocess((32, 32), 3), False)
+    sizes = {s: len(d.labels) for s, d in (("train", data.train), ("val", data.val), ("test", data.test))}
+    assert sizes == {s: want.count(s) for s in ("train", "val", "test")}  # 18 / 6 / 6: none lost
+
+    with tarfile.open(tmp_path / "bad.tar", "w") as tf:
+        _add(tf, "a.jpg", Path(flat.items[0]).read_bytes())
+        _add(tf, "a.json", json.dumps({"label": "0", "split": "later"}).encode())
+    with pytest.raises(DataError) as e:
+        D.index_source(str(tmp_path / "bad.tar"))
+    _one_line(e, "a.json")
+    assert "split='later'" in str(e.value)
+    # A JSON split that contradicts the split folder holding the shard.
+    (tmp_path / "tars" / "train").mkdir(parents=True)
+    with tarfile.open(tmp_path / "tars" / "train" / "s.tar", "w") as tf:
+        for k in (0, 10):
+            _add(tf, f"{k}.jpg", Path(flat.items[k]).read_bytes())
+            _add(tf, f"{k}.json", json.dumps({"label": str(k), "split": "test"}).encode())
+    with pytest.raises(DataError) as e:
+        D.index_source(str(tmp_path / "tars"))
+    _one_line(e, "s.tar")
+    assert "inside the 'train' folder" in str(e.value)

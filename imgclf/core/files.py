@@ -16,6 +16,23 @@ SPLIT_DIR_NAMES = {
 }
 
 
+def canonical_split(name: str) -> str | None:
+    """``train``/``val``/``test`` for a split name (``Validation`` counts as val), ``""`` for an
+    empty one, None for anything else."""
+    s = name.strip().lower()
+    if not s:
+        return ""
+    return next((k for k, names in SPLIT_DIR_NAMES.items() if s in names), None)
+
+
+def fill_split(split: list[str]) -> tuple[list[str], int]:
+    """(splits, how many were filled): when some samples name a split, the ones that name none
+    are training images (as marking only the test rows means), never dropped."""
+    if not any(split):
+        return split, 0
+    return [s or "train" for s in split], sum(1 for s in split if not s)
+
+
 def find_split_dirs(root: Path) -> dict[str, Path]:
     """{split: folder} for the sub-folders of ``root`` named as a split (``Train/`` counts as train)."""
     found: dict[str, Path] = {}

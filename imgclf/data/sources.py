@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.core.errors import DataError
-from imgclf.core.files import SPLIT_DIR_NAMES, display_path, find_split_dirs, walk_files
+from imgclf.core.files import canonical_split, display_path, fill_split, find_split_dirs, walk_files
 from imgclf.core.imageio import ImageDecodeError
 from imgclf.core.preprocess import Preprocess, load_uint8
 
@@ -317,7 +317,7 @@ def index_manifest(path: str | Path, multi_label: bool = False) -> SourceIndex:
             what = "no label" if not labels else f"{len(labels)} labels ({'|'.join(labels)})"
             raise DataError(f"{where}: {what}; single-label needs exactly one (or add --multi-label)")
         s = str(row.get("split") or "").strip().lower()
-        canon = next((k for k, names in SPLIT_DIR_NAMES.items() if s in names), None) if s else ""
+        canon = canonical_split(s)
         if canon is None:
             raise DataError(f"{where}: split={s!r}; use train, val or test (or leave it empty)")
         f = Path(p.strip())
@@ -330,6 +330,9 @@ def index_manifest(path: str | Path, multi_label: bool = False) -> SourceIndex:
         split.append(canon)
     if not items:
         raise DataError(f"{path}: none of the {len(rows)} listed files exists (paths are relative to {root})")
+    split, filled = fill_split(split)
+    if filled:
+        log.info("%s: %d rows without a split are training images", path.name, filled)
     names = sorted({x for ls in sets for x in ls})
     col = {c: i for i, c in enumerate(names)}
     index = SourceIndex(

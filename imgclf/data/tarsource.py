@@ -5,7 +5,8 @@ A shard holds samples as members sharing a key: ``key.jpg`` (or png, webp, ...) 
 ``class``). ``--data`` names one shard, a glob of shards, a brace range as WebDataset writes
 it (``shards-{000..099}.tar``, expanded by ``braceexpand``), a folder holding them (and no
 sub-folders) or a folder of ``train/``, ``val/`` and ``test/`` folders of shards (a predefined
-split, as for folders of class folders). Listing reads the tar headers once and remembers each
+split, as for folders of class folders; a ``split`` value in a sample's ``.json`` works too,
+and samples without one are then training samples). Listing reads the tar headers once and remembers each
 image's byte range, so decoding any subset in any order (what
 :func:`imgclf.data.sources.decode_items` and the splits need) is one seek and one read; the
 ``webdataset`` package streams shards in order instead, which fits a training loop but not random
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.core.errors import DataError
-from imgclf.core.files import find_split_dirs
+from imgclf.core.files import canonical_split, fill_split, find_split_dirs
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pnm"}
 LABEL_EXTS = ("cls", "json")
@@ -116,7 +117,10 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower() if dot else ""
 
 
-def _label_text(shard: Path, name: str, ext: str, raw: bytes) -> str:
+def _label_text(shard: Path, name: str, ext: str, raw: bytes) -> tuple[str, str]:
+    """(label text, split) of a ``.cls`` or ``.json`` member; the split ("" when not given) is
+    the JSON's ``split`` value."""
+    split = ""
     if ext == "cls":
         text = raw.decode("utf-8", "replace").strip()
     else:
@@ -128,9 +132,13 @@ def _label_text(shard: Path, name: str, ext: str, raw: bytes) -> str:
         if val is None or isinstance(val, (dict, list)):
             raise DataError(f"{shard}: {name} has no label (expected one of {', '.join(JSON_LABEL_KEYS)})")
         text = str(val).strip()
+        given = obj.get("split")
+        split = canonical_split(given) if isinstance(given, str) else ("" if given is None else None)
+        if split is None:
+            raise DataError(f"{shard}: {name} has split={given!r}; use train, val or test (or leave it out)")
     if not text:
         raise DataError(f"{shard}: {name} is an empty label")
-    return text
+    return text, split
 
 
 @dataclass
@@ -156,11 +164,11 @@ class TarListing:
         return data
 
 
-def _list_shard(shard: Path) -> list[tuple[str, str, int, int]]:
-    """(member name, label text, data offset, size) per image of one shard."""
+def _list_shard(shard: Path) -> list[tuple[str, tuple[str, str], int, int]]:
+    """(member name, (label text, split), data offset, size) per image of one shard."""
     size = shard.stat().st_size
     images: dict[str, tarfile.TarInfo] = {}
-    labels: dict[str, str] = {}
+    labels: dict[str, tuple[str, str]] = {}
     try:
         with tarfile.open(shard, "r:") as tf:
             for m in tf:
@@ -196,14 +204,21 @@ def list_tars(spec: str) -> TarListing:
     splits: list[str] = []
     ranges: dict[str, tuple[str, int, int]] = {}
     for shard in shards:
-        for name, text, offset, size in _list_shard(shard):
+        folder_split = split_of.get(shard.parent, "")
+        for name, (text, split), offset, size in _list_shard(shard):
+            if folder_split and split and split != folder_split:
+                raise DataError(
+                    f"{shard}: {name} says split={split!r} inside the {folder_split!r} folder; "
+                    "drop the JSON split or move the shard"
+                )
             item = f"{shard}{SEP}{name}"
             items.append(item)
             texts.append(text)
-            splits.append(split_of.get(shard.parent, ""))
+            splits.append(folder_split or split)
             ranges[item] = (str(shard), offset, size)
     if not items:
         raise DataError(f"--data {spec!r}: the shards hold no images")
+    splits, _ = fill_split(splits)
     names = sorted(set(texts))
     if all(t.lstrip("-").isdigit() for t in names):
         names = sorted(names, key=int)  # class indices: 2 before 10
