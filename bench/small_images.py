@@ -62,7 +62,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "up64": {"img_size": 64},  # upsample to 64 px (resnet10s' stride-2 stem then runs at 32 px)
     # Twice the old step budget on a 4,900-image set (27 epochs at 2,000 steps; 50, the cap, at 4,000).
     "up64x50": {"img_size": 64, "epochs": 50},
-    # 96 px at the same 50 epochs: resnet10s' first stage at 24 px instead of 16 ("Upsampling further").
+    # 96 px at the same 50 epochs: resnet10s' first stage at 48 px instead of 32 ("Upsampling further").
     "up96x50": {"img_size": 96, "epochs": 50},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     "vgg-native": {"model": "smallervggnet"},  # its model at the native size

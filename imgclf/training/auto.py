@@ -64,14 +64,16 @@ DATA_KEYS = (
     "layer_lr_min",
 )
 LATE_KEYS = ("flip", "lr")  # decided in Trainer.setup: they need decoded images / the built model
-# Training pixels per epoch that set the image size: about 9-13 s an epoch of resnet10s here
-# (1.1-1.6 s a megapixel on one thread of an avx2 EPYC). For resnet10s it never shrinks a large
-# photo below UPSAMPLE_TO (see plan()).
+# Training pixels per epoch that set the image size (about 9-13 s an epoch of resnet10s here). For
+# resnet10s the cost follows its first stage, not the input: 32, 64 and 128 px inputs all reach a
+# 32 px first stage and cost alike, 48 and 96 px reach 48 px and cost about twice as much
+# (bench/size_cost.py); so for it the budget never shrinks a large photo below UPSAMPLE_TO.
 PIXEL_BUDGET = 8_000_000
 SIZES = (32, 48, 64, 96, 128)
 # Small photos (16-63 px) go to UPSAMPLE_TO px for resnet10s once the training split holds
-# UPSAMPLE_MIN_TRAIN images: its stride-2 stem and max-pool leave a 30 px photo an 8 px first
-# stage. Upsampling was a wash on five small sets of 245-2,100 training images and a gain on
+# UPSAMPLE_MIN_TRAIN images (the stem's stride 2 brings 64 px to a 32 px first stage, about the
+# native 30, so the cost is 1.1-1.3x; why it pays is not known). Upsampling was a wash on five
+# small sets of 245-2,100 training images and a gain on
 # five sets of 3,500-4,900; the threshold is the midpoint of 2,100 and 3,500 (docs/ACCURACY.md,
 # "Larger small-photo sets" and "Where the threshold sits").
 UPSAMPLE_TO = 64
@@ -171,18 +173,17 @@ def plan(cfg: Any, index: D.SourceIndex) -> Plan:
         if native >= 16 and size < UPSAMPLE_TO and model == "resnet10s":
             if native >= UPSAMPLE_TO:
                 # A 32-48 px copy of a large photo is what the small sets measured at their own
-                # size, and it lost to 64 px on every larger set; hymenoptera lost 5.6 points
-                # from 128 to 64 px, so real detail pays even on few images.
+                # size, and it lost to 64 px on every larger set; 64 px costs what 32 px does.
                 size = UPSAMPLE_TO
                 why += (
-                    f"; not shrunk below {UPSAMPLE_TO} px: resnet10s' stride-2 stem leaves a 32-48 px "
-                    "input an 8-12 px first stage (64 px beat ~30 px on 5 sets of 3,500-4,900 images)"
+                    f"; not shrunk below {UPSAMPLE_TO} px: it costs resnet10s what 32 px does (both reach a "
+                    "32 px first stage) and beat ~30 px by 0.1-4.3 points on 5 sets of 3,500-4,900"
                 )
             elif n >= UPSAMPLE_MIN_TRAIN:
                 size = UPSAMPLE_TO
                 why += (
                     f"; small photos upsampled to {UPSAMPLE_TO} px: with {UPSAMPLE_MIN_TRAIN}+ training "
-                    "images the finer feature maps paid 0.1-4.3 points on 5 sets of 3,500-4,900"
+                    "images it paid 0.1-4.3 points on 5 sets of 3,500-4,900"
                 )
             else:
                 why += (
