@@ -330,9 +330,6 @@ def index_manifest(path: str | Path, multi_label: bool = False) -> SourceIndex:
         split.append(canon)
     if not items:
         raise DataError(f"{path}: none of the {len(rows)} listed files exists (paths are relative to {root})")
-    split, filled = fill_split(split)
-    if filled:
-        log.info("%s: %d rows without a split are training images", path.name, filled)
     names = sorted({x for ls in sets for x in ls})
     col = {c: i for i, c in enumerate(names)}
     index = SourceIndex(
@@ -341,7 +338,7 @@ def index_manifest(path: str | Path, multi_label: bool = False) -> SourceIndex:
         classes=names,
         items=items,
         labels=np.asarray([col[ls[0]] if ls else -1 for ls in sets], dtype=np.int64),
-        split=np.asarray(split, dtype=object),
+        split=_split_filled(split, path.name),
         native_channels=3,
         root=str(root),
         skipped=skipped,
@@ -469,6 +466,14 @@ def index_digits() -> SourceIndex:
     )
 
 
+def _split_filled(split: list[str], name: str) -> np.ndarray:
+    """A manifest's or shards' per-sample splits, those left blank beside named ones as train."""
+    filled, n = fill_split(split)
+    if n:
+        log.info("%s: %d samples without a split are training images", name, n)
+    return np.asarray(filled, dtype=object)
+
+
 def index_source(
     spec: str, cache_dir: str | None = None, *, multi_label: bool = False, label_sep: str | None = None
 ) -> SourceIndex:
@@ -487,7 +492,8 @@ def index_source(
             raise DataError(f"--data {spec}: tar shards are single-label; for --multi-label give label-set "
                             "folders or a labels file (path,labels)")  # fmt: skip
         t = tarsource.list_tars(spec)
-        return SourceIndex(t.name, "tar", t.classes, t.items, t.labels, t.split, 3, t.root, reader=t.read)
+        split = _split_filled(list(t.split), Path(spec).name)
+        return SourceIndex(t.name, "tar", t.classes, t.items, t.labels, split, 3, t.root, reader=t.read)
     if multi_label:
         if spec in BUILTINS or (p.is_dir() and _has_idx(p)):
             raise DataError(f"--data {spec}: a single-label dataset; --multi-label needs label-set folders "

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from imgclf.core.errors import DataError
-from imgclf.core.files import canonical_split, fill_split, find_split_dirs
+from imgclf.core.files import canonical_split, find_split_dirs
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pnm"}
 LABEL_EXTS = ("cls", "json")
@@ -151,7 +151,7 @@ class TarListing:
     items: list[str]
     labels: np.ndarray
     ranges: dict[str, tuple[str, int, int]]  # item -> (shard path, data offset, size)
-    split: np.ndarray  # "train"/"val"/"test" per item from split folders, else "" (as a SourceIndex)
+    split: np.ndarray  # "train"/"val"/"test" per item from split folders or its JSON, else ""
 
     def read(self, item: str) -> bytes:
         """The bytes of one image member (OSError when the shard changed or went away)."""
@@ -218,7 +218,6 @@ def list_tars(spec: str) -> TarListing:
             ranges[item] = (str(shard), offset, size)
     if not items:
         raise DataError(f"--data {spec!r}: the shards hold no images")
-    splits, _ = fill_split(splits)
     names = sorted(set(texts))
     if all(t.lstrip("-").isdigit() for t in names):
         names = sorted(names, key=int)  # class indices: 2 before 10
