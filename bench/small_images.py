@@ -157,6 +157,13 @@ def main() -> None:
         help="training seeds (hymeno30's split is fixed by its folders; elsewhere it draws the split too)",
     )
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "auto"),
+        default=None,
+        help="pin the training precision (default: the recipe's auto); the rows before 2026-12-03 16:00 "
+        "UTC trained in fp32 on CPUs without bf16, so later runs on bf16 CPUs pin fp32 to pair with them",
+    )
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "imgclf-small-images")
     ap.add_argument("--out", type=Path, default=suite.ROOT / "bench" / "results" / "small_images.json")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
@@ -165,7 +172,11 @@ def main() -> None:
         print(table(with_suite_native(json.loads(a.out.read_text())["rows"])))
         return
     work = Path(tempfile.mkdtemp(prefix="imgclf-small-"))
-    keys = {"tensorboard": False, **({"threads": a.threads} if a.threads else {})}
+    keys = {
+        "tensorboard": False,
+        **({"threads": a.threads} if a.threads else {}),
+        **({"precision": a.precision} if a.precision else {}),
+    }
     result = _load(a.out)
     for ds in a.datasets:
         args = dataset_args(ds, a.cache, work)
@@ -177,7 +188,7 @@ def main() -> None:
                 fixed["img_size"] = 28 if ds.startswith(("fashion", "mnist")) else SIDE
             run = {**args, **keys, **fixed, "seed": seed}
             res = imgclf.train(**run, out=str(work / ds / name), progress=False)
-            row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr",))
+            row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr", "precision"))
             # Re-read before writing: another run of this script (the other core) may have added rows.
             result = _load(a.out)
             result["rows"].setdefault(ds, {})[name] = row
