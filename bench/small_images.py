@@ -67,6 +67,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # 128 px at 50 epochs: the stem's max-pool brings it back to a 32 px first stage, so the model
     # costs what 64 px does; only the input (and the augmentation warps) is finer ("Upsampling to 128 px").
     "up128x50": {"img_size": 128, "epochs": 50},
+    # up64x50 plus random erasing on half the images ("Random erasing for larger sets").
+    "erase50x50": {"img_size": 64, "epochs": 50, "erase": 0.5},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},
