@@ -69,6 +69,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "up128x50": {"img_size": 128, "epochs": 50},
     # up64x50 plus random erasing on half the images ("Random erasing for larger sets").
     "erase50x50": {"img_size": 64, "epochs": 50, "erase": 0.5},
+    # up64x50 with an exponential moving average of the weights ("Weight averaging (EMA)").
+    "ema999x50": {"img_size": 64, "epochs": 50, "ema": 0.999},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},
