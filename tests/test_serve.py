@@ -270,7 +270,7 @@ def test_shutdown_drains_queued_requests(bundle, sign_dir):
     real = bundle.predict_scored
 
     def slow_predict(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        time.sleep(0.4)  # long enough that the other requests are still queued at shutdown
+        time.sleep(1.0)  # long enough that the other three requests arrive and queue behind it
         return real(batch)
 
     slow_bundle = load_bundle(bundle.path)
@@ -289,9 +289,12 @@ def test_shutdown_drains_queued_requests(bundle, sign_dir):
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
-        while app.state.batcher.depth < 2 and time.monotonic() < deadline:
+        # All three behind the first must be queued: a request the server has not accepted yet
+        # when shutdown starts is closed unanswered, which is uvicorn's behaviour, not a lost one
+        # (waiting for two let the fourth race the shutdown: seen once in CI).
+        while app.state.batcher.depth < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert app.state.batcher.depth >= 2, "requests never queued"
+        assert app.state.batcher.depth >= 3, "requests never queued"
         # Leaving the block asks uvicorn to exit while requests are queued.
     for t in threads:
         t.join(timeout=30)
