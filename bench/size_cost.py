@@ -94,7 +94,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "auto"),
+        choices=suite.config_choices("precision"),
         default="auto",
         help="with --data: the runs' precision",
     )

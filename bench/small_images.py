@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "auto"),
+        choices=suite.config_choices("precision"),
         default=None,
         help="pin the training precision (default: the recipe's auto); the rows before 2026-12-03 16:00 "
         "UTC trained in fp32 on CPUs without bf16, so later runs on bf16 CPUs pin fp32 to pair with them",

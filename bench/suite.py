@@ -130,6 +130,15 @@ def run_row(
     }
 
 
+def config_choices(key: str) -> tuple[Any, ...]:
+    """The values a TrainConfig key accepts, as the config declares them (for bench flags)."""
+    import dataclasses
+
+    from imgclf.training.config import TrainConfig
+
+    return next(f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.name == key)
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     out = {}
     for it in items:
