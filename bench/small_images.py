@@ -51,8 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import suite  # noqa: E402  (the suite's datasets, splits and CPU facts)
 
 import imgclf  # noqa: E402
+from imgclf.training import auto  # noqa: E402
 
 SIDE = 30
+AUTO_KEY = "_auto"
 # Candidate rules for small images: keys fixed on top of the auto recipe. Rows dated before
 # 2026-12-03 10:00 UTC ran at its old 2,000-step budget (TARGET_STEPS; 4,000 since commit cb3f6d5).
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -71,6 +73,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "erase50x50": {"img_size": 64, "epochs": 50, "erase": 0.5},
     # up64x50 with an exponential moving average of the weights ("Weight averaging (EMA)").
     "ema999x50": {"img_size": 64, "epochs": 50, "ema": 0.999},
+    # up64x50 with the rate the median of 5 range tests picks ("The rate from 5 range tests").
+    # AUTO_KEY holds imgclf.training.auto constants set for the run (rules, not TrainConfig keys).
+    "med5x50": {"img_size": 64, "epochs": 50, "_auto": {"LR_REPEATS": 5}},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},
@@ -190,10 +195,18 @@ def main() -> None:
             name = cand if seed == 42 else f"{cand}@{seed}"
             t0, load0 = time.time(), os.getloadavg()
             fixed = dict(CANDIDATES[cand])
+            rules = fixed.pop(AUTO_KEY, {})
             if fixed.get("img_size") == "NATIVE":
                 fixed["img_size"] = 28 if ds.startswith(("fashion", "mnist")) else SIDE
             run = {**args, **keys, **fixed, "seed": seed}
-            res = imgclf.train(**run, out=str(work / ds / name), progress=False)
+            saved = {k: getattr(auto, k) for k in rules}
+            for k, v in rules.items():
+                setattr(auto, k, v)
+            try:
+                res = imgclf.train(**run, out=str(work / ds / name), progress=False)
+            finally:
+                for k, v in saved.items():
+                    setattr(auto, k, v)
             row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr", "precision"))
             # Re-read before writing: another run of this script (the other core) may have added rows.
             result = _load(a.out)

@@ -100,6 +100,12 @@ LR_STEPS = 80
 # Range of the test per optimizer family: adaptive rates live about 100x below SGD rates.
 LR_RANGE = {"sgd": (1e-4, 10.0), "adadelta": (1e-2, 100.0)}
 LR_RANGE_ADAPTIVE = (1e-5, 1.0)
+# How a range test's trace becomes a rate (pick_lr); LR_RULES are the rules it knows.
+LR_RULES = ("min10", "valley", "steep")
+LR_RULE = "min10"
+# Range tests whose picks' median is the rate: one test's pick moves 2-5x with its batches alone
+# (bench/lr_rule.py), and so with the CPU's rounding.
+LR_REPEATS = 1
 LR_CLAMP = {"adam": (1e-4, 1e-2), "adamw": (1e-4, 1e-2), "sgd": (1e-3, 0.5), "adadelta": (0.1, 10.0)}
 
 
@@ -288,12 +294,33 @@ def find_lr(
     loss_fn: Any,
     optimizer: str,
     steps: int = LR_STEPS,
+    repeats: int | None = None,
 ) -> tuple[float, str, list[tuple[float, float]]]:
-    """Learning-rate range test; the model's weights are left as they were.
+    """Learning-rate range test, ``repeats`` times (``LR_REPEATS``); the model is left as it was.
 
     ``make_opt(model, lr)`` builds the optimizer, ``batches(i)`` gives batch ``i`` as (x, y) and
-    ``loss_fn(model, x, y)`` its loss. Returns (chosen rate, reason, [(rate, smoothed loss)]).
+    ``loss_fn(model, x, y)`` its loss. Each repeat starts from the same weights on the next
+    batches; the rate is the median of the repeats' picks. Returns (chosen rate, reason,
+    [(rate, smoothed loss)] of the test whose pick was the median).
     """
+    repeats = LR_REPEATS if repeats is None else max(1, int(repeats))
+    tests = []
+    for r in range(repeats):
+        shifted = lambda i, r=r: batches(r * steps + i)  # noqa: E731  (repeat r: the next batches)
+        trace = _range_trace(model, make_opt, shifted, loss_fn, optimizer, steps)
+        tests.append((*pick_lr(trace, optimizer), trace))
+    tests.sort(key=lambda t: t[0])
+    lr, why, trace = tests[(len(tests) - 1) // 2]
+    if len(tests) > 1:
+        picks = ", ".join(f"{t[0]:.2g}" for t in tests)
+        why = f"median of {len(tests)} range tests (picks {picks}); the median one: {why}"
+    return lr, why, trace
+
+
+def _range_trace(
+    model: torch.nn.Module, make_opt: Any, batches: Any, loss_fn: Any, optimizer: str, steps: int
+) -> list[tuple[float, float]]:
+    """One range test's [(rate, smoothed loss)]; the model's weights and torch's RNG are restored."""
     state = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
     lo, hi = LR_RANGE.get(optimizer, LR_RANGE_ADAPTIVE)
@@ -323,15 +350,54 @@ def find_lr(
     finally:
         model.load_state_dict(state)
         torch.set_rng_state(rng)
+    return trace
+
+
+def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str = LR_RULE) -> tuple[float, str]:
+    """The rate ``rule`` (one of ``LR_RULES``) reads off a range test's [(rate, smoothed loss)].
+
+    ``min10``: a tenth of the rate with the lowest loss (fastai's ``minimum``). ``valley``:
+    halfway along the longest run of falling losses (fastai's default ``valley``). ``steep``: where
+    the loss falls fastest against log(rate) (fastai's ``steep``). Clamped to ``LR_CLAMP``.
+    """
     lo_c, hi_c = LR_CLAMP.get(optimizer, (1e-5, 1.0))
     if len(trace) < 10:
-        return lo_c, f"range test stopped after {len(trace)} steps; using the floor {lo_c:g}", trace
+        return lo_c, f"range test stopped after {len(trace)} steps; using the floor {lo_c:g}"
     # Skip the first steps: the running mean is still dominated by the untrained loss.
     core = trace[5:]
-    lr_min, loss_min = min(core, key=lambda t: t[1])
-    lr = float(min(hi_c, max(lo_c, lr_min / 10)))
-    why = (
-        f"range test over {len(trace)} steps: lowest smoothed loss {loss_min:.3f} at lr {lr_min:.2g}; "
-        f"a tenth of it, within {lo_c:g}-{hi_c:g}"
-    )
-    return lr, why, trace
+    lrs = [t[0] for t in core]
+    losses = [t[1] for t in core]
+    i_min = min(range(len(core)), key=lambda i: losses[i])
+    if rule == "min10":
+        raw = lrs[i_min] / 10
+        how = f"lowest smoothed loss {losses[i_min]:.3f} at lr {lrs[i_min]:.2g}; a tenth of it"
+    elif rule == "valley":
+        start, end = _longest_valley(losses)
+        i = start + (end - start) // 2
+        raw = lrs[i]
+        how = f"longest falling stretch lr {lrs[start]:.2g}-{lrs[end]:.2g}; its middle"
+    elif rule == "steep":
+        slopes = [(losses[i + 1] - losses[i - 1]) for i in range(1, i_min)] or [0.0]
+        i = 1 + min(range(len(slopes)), key=lambda j: slopes[j]) if i_min > 1 else 0
+        raw = lrs[i]
+        how = f"steepest fall of the loss at lr {raw:.2g}"
+    else:
+        raise ValueError(f"unknown learning-rate rule {rule!r}; choose one of {', '.join(LR_RULES)}")
+    lr = float(min(hi_c, max(lo_c, raw)))
+    return lr, f"range test over {len(trace)} steps: {how}, within {lo_c:g}-{hi_c:g}"
+
+
+def _longest_valley(losses: list[float]) -> tuple[int, int]:
+    """(start, end) of the longest strictly falling subsequence of ``losses`` (fastai's valley)."""
+    n = len(losses)
+    run = [1] * n
+    prev = list(range(n))
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and run[j] + 1 > run[i]:
+                run[i], prev[i] = run[j] + 1, j
+    end = max(range(n), key=lambda i: run[i])
+    start = end
+    while prev[start] != start:
+        start = prev[start]
+    return start, end
