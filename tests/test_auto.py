@@ -153,6 +153,53 @@ def test_find_lr_restores_the_model_and_picks_a_working_rate() -> None:
     assert float(F.cross_entropy(model(x), y).detach()) < 0.3
 
 
+def test_pick_lr_rules_read_the_curve() -> None:
+    # A loss falling from 2.0 to its lowest point at rate 0.1, then rising: 41 rates, 1e-5 .. 1.
+    lrs = [1e-5 * 10 ** (i / 8) for i in range(41)]
+    trace = [(lr, 1.0 + (math.log10(lr) + 1) ** 2 / 8) for lr in lrs]
+    lr, why = auto.pick_lr(trace, "adamw", "min10")
+    assert lr == pytest.approx(0.01) and "a tenth" in why
+    # valley: the middle of the falling stretch (from the 6th point, after the skipped ones, to 0.1)
+    lr, _ = auto.pick_lr(trace, "adamw", "valley")
+    assert lrs[5] < lr < 0.01
+    # steep: the loss falls fastest at the start of this parabola in log(rate)
+    lr, _ = auto.pick_lr(trace, "adamw", "steep")
+    assert lr == pytest.approx(1e-4)  # the floor of Adam's clamp
+    assert auto.pick_lr(trace[:8], "adamw", "min10")[0] == 1e-4  # too short: the floor
+    with pytest.raises(ValueError, match="valley"):
+        auto.pick_lr(trace, "adamw", "lowest")
+
+
+def test_find_lr_takes_the_median_of_repeated_tests() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4096, 20, generator=g)
+    y = (x[:, 0] - x[:, 2] > 0).long()
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def batch(i: int):
+        idx = torch.arange(i * 8, i * 8 + 8) % 4096  # small batches: each repeat's curve differs
+        return x[idx] + 0.5 * torch.randn(8, 20, generator=torch.Generator().manual_seed(i)), y[idx]
+
+    def make_opt(m: torch.nn.Module, lr: float):
+        return torch.optim.SGD(m.parameters(), lr=lr)
+
+    def loss(m, a, b):
+        return F.cross_entropy(m(a), b)
+
+    singles = []
+    for r in range(5):  # each repeat r sees batches r*steps .. r*steps+steps-1
+        shifted = lambda i, r=r: batch(r * 40 + i)  # noqa: E731
+        singles.append(auto.find_lr(model, make_opt, shifted, loss, "sgd", steps=40, repeats=1)[0])
+    lr, why, trace = auto.find_lr(model, make_opt, batch, loss, "sgd", steps=40, repeats=5)
+    assert len(set(singles)) > 1  # the repeats disagree, so the median is a choice
+    assert lr == sorted(singles)[2] and "median of 5 range tests" in why
+    assert auto.pick_lr(trace, "sgd")[0] == lr  # the trace returned is the median test's
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_auto_run_is_deterministic_for_a_seed_and_its_config_replays(sign_dir: Path, tmp_path: Path) -> None:
     keys = {"data": str(sign_dir), "subset": 100, "img_size": 32, "epochs": 1, "tensorboard": False}
     cfgs = []
