@@ -110,8 +110,9 @@ def _shrink_tree(src: Path, dst: Path, thumbnail: bool = False) -> Path:
     return dst
 
 
-def _idx_folder(dst: Path, source: str, n: int) -> Path:
-    """``n`` seeded training images of a built-in IDX set as ``dst/{class}/{i}.png`` (28x28 grey)."""
+def _idx_folder(dst: Path, source: str, n: int | None, split: str = "train") -> Path:
+    """``n`` seeded images (all with None) of a built-in IDX set's ``split`` as
+    ``dst/{class}/{i}.png`` (28x28 grey)."""
     import numpy as np
     from PIL import Image
 
@@ -120,13 +121,65 @@ def _idx_folder(dst: Path, source: str, n: int) -> Path:
     if (dst / ".done").exists():
         return dst
     index = D.index_source(source)
-    train = np.flatnonzero(index.split == "train")
-    for i in sorted(np.random.default_rng(42).choice(train, n, replace=False)):
+    pool = np.flatnonzero(index.split == split)
+    chosen = pool if n is None else np.random.default_rng(42).choice(pool, n, replace=False)
+    for i in sorted(chosen):
         cls = index.classes[int(index.labels[i])].replace("/", "-")
         (dst / cls).mkdir(parents=True, exist_ok=True)
         Image.fromarray(index.arrays[i]).save(dst / cls / f"{i:05d}.png")
     (dst / ".done").write_text("")
     return dst
+
+
+def official_test(run_dir: Path, ds: str, cache: Path) -> dict[str, Any]:
+    """Accuracy of a fashion*/mnist* run's bundle on its source's official test set (10,000
+    images, none of them in the training draw), and which images it got right (hex of packed
+    bits, in the folder's sorted order) so two runs can be compared image by image."""
+    import hashlib
+
+    import numpy as np
+
+    source = IDX_FOLDERS[ds][0]
+    folder = _idx_folder(cache / f"{source}-test", source, None, split="test")
+    res = imgclf.evaluate(str(run_dir), data=str(folder))
+    right = res.probs.argmax(1) == res.labels
+    return {
+        "test_official": round(float(right.mean()), 6),
+        "test_official_size": int(right.size),
+        "test_official_items": hashlib.sha1("\n".join(res.files_rel).encode()).hexdigest()[:12],
+        "test_official_right": np.packbits(right).tobytes().hex(),
+    }
+
+
+def _bits(hexed: str, n: int) -> Any:
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexed), np.uint8))[:n].astype(bool)
+
+
+def paired_table(rows: dict[str, dict[str, dict[str, Any]]], base: str) -> str:
+    """Markdown: each candidate against ``base`` on the official test images, seed by seed: the
+    difference and its standard error from the images the two runs disagree on (McNemar)."""
+    import numpy as np
+
+    lines = ["| dataset | candidate | seed | base % | candidate % | diff | SE of diff |", "|---" * 7 + "|"]
+    for ds, runs in rows.items():
+        for name, r in runs.items():
+            cand, _, seed = name.partition("@")
+            b = runs.get(base + (f"@{seed}" if seed else ""))
+            if cand == base or b is None or "test_official_right" not in r or "test_official_right" not in b:
+                continue
+            if r["test_official_items"] != b["test_official_items"]:
+                raise SystemExit(f"{ds} {name}: scored on other images than {base}")
+            n = r["test_official_size"]
+            x, y = (_bits(t["test_official_right"], n) for t in (r, b))
+            diff = x.mean() - y.mean()
+            se = np.sqrt(((x != y).mean() - diff**2) / n)
+            lines.append(
+                f"| {ds} | {cand} | {seed or 42} | {100 * y.mean():.2f} | {100 * x.mean():.2f} "
+                f"| {100 * diff:+.2f} | {100 * se:.2f} |"
+            )
+    return "\n".join(lines)
 
 
 # Built-in IDX sets written out as folders of 28 px PNGs: (source, images). 3,000 (2,100 training),
@@ -178,9 +231,30 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "imgclf-small-images")
     ap.add_argument("--out", type=Path, default=suite.ROOT / "bench" / "results" / "small_images.json")
     ap.add_argument("--table", action="store_true", help="print the table of --out and stop")
+    ap.add_argument(
+        "--rescore",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="score finished fashion*/mnist* runs (a work folder's DS/NAME) on the official test set, "
+        "add it to row DS/NAME of --out, and stop",
+    )
+    ap.add_argument("--paired", metavar="BASE", help="--table: candidates vs BASE, official test")
     a = ap.parse_args()
     if a.table:
-        print(table(with_suite_native(json.loads(a.out.read_text())["rows"])))
+        rows = json.loads(a.out.read_text())["rows"]
+        print(paired_table(rows, a.paired) if a.paired else table(with_suite_native(rows)))
+        return
+    if a.rescore:
+        for run_dir in a.rescore:
+            ds, name = run_dir.parent.name, run_dir.name
+            extra = official_test(run_dir, ds, a.cache)
+            result = _load(a.out)
+            if name not in result["rows"].get(ds, {}):
+                raise SystemExit(f"{run_dir}: no row {ds}/{name} in {a.out}")
+            result["rows"][ds][name].update(extra)
+            a.out.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{ds} {name}: official test {100 * extra['test_official']:.2f} %", flush=True)
         return
     work = Path(tempfile.mkdtemp(prefix="imgclf-small-"))
     keys = {
@@ -208,6 +282,8 @@ def main() -> None:
                 for k, v in saved.items():
                     setattr(auto, k, v)
             row = suite.run_row(res.run_dir, res.metrics, t0, load0, cfg_keys=("lr", "precision"))
+            if ds in IDX_FOLDERS:
+                row.update(official_test(Path(res.run_dir), ds, a.cache))
             # Re-read before writing: another run of this script (the other core) may have added rows.
             result = _load(a.out)
             result["rows"].setdefault(ds, {})[name] = row
