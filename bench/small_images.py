@@ -76,6 +76,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # up64x50 with the rate the median of 5 range tests picks ("The rate from 5 range tests").
     # AUTO_KEY holds imgclf.training.auto constants set for the run (rules, not TrainConfig keys).
     "med5x50": {"img_size": 64, "epochs": 50, "_auto": {"LR_REPEATS": 5}},
+    # up64x50 at a fixed rate instead of the range test's (its picks here: 0.0035-0.01; "How much
+    # the rate matters"): each seed runs at the rate its baseline did not draw.
+    "lr01x50": {"img_size": 64, "epochs": 50, "lr": 0.01},
+    "lr004x50": {"img_size": 64, "epochs": 50, "lr": 0.004},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},
