@@ -42,7 +42,9 @@ def traces(run: dict[str, Any], repeats: int, out: Path) -> list[list[tuple[floa
     found: list[list[tuple[float, float]]] = []
     real = auto.find_lr
 
-    def record(model: Any, make_opt: Any, batches: Any, loss_fn: Any, optimizer: str, steps: int = 80) -> Any:
+    def record(
+        model: Any, make_opt: Any, batches: Any, loss_fn: Any, optimizer: str, steps: int = auto.LR_STEPS
+    ) -> Any:
         for _ in range(repeats):
             found.append(real(model, make_opt, batches, loss_fn, optimizer, steps, repeats=1)[2])
         raise _Done
@@ -81,7 +83,8 @@ def main() -> None:
         for seed in a.seeds:
             t0 = time.time()
             tr = traces({**args, **keys, "seed": seed}, a.repeats, work / f"{ds}-{seed}")
-            picks = {rule: [auto.pick_lr(t, "adamw", rule)[0] for t in tr] for rule in auto.LR_RULES}
+            opt = auto.STATIC["optimizer"]  # the auto recipe's optimizer, whose clamp the picks obey
+            picks = {rule: [auto.pick_lr(t, opt, rule)[0] for t in tr] for rule in auto.LR_RULES}
             result["rows"].setdefault(ds, {})[str(seed)] = {
                 "picks": picks,
                 "traces": [[[round(lr, 8), round(loss, 5)] for lr, loss in t] for t in tr],

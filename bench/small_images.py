@@ -75,7 +75,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "ema999x50": {"img_size": 64, "epochs": 50, "ema": 0.999},
     # up64x50 with the rate the median of 5 range tests picks ("The rate from 5 range tests").
     # AUTO_KEY holds imgclf.training.auto constants set for the run (rules, not TrainConfig keys).
-    "med5x50": {"img_size": 64, "epochs": 50, "_auto": {"LR_REPEATS": 5}},
+    "med5x50": {"img_size": 64, "epochs": 50, AUTO_KEY: {"LR_REPEATS": 5}},
     # up64x50 at a fixed rate instead of the range test's (its picks here: 0.0035-0.01; "How much
     # the rate matters"): each seed runs at the rate its baseline did not draw.
     "lr01x50": {"img_size": 64, "epochs": 50, "lr": 0.01},

@@ -377,8 +377,8 @@ def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str = LR_RUL
         raw = lrs[i]
         how = f"longest falling stretch lr {lrs[start]:.2g}-{lrs[end]:.2g}; its middle"
     elif rule == "steep":
-        slopes = [(losses[i + 1] - losses[i - 1]) for i in range(1, i_min)] or [0.0]
-        i = 1 + min(range(len(slopes)), key=lambda j: slopes[j]) if i_min > 1 else 0
+        # Central differences up to the lowest point; none when the lowest point is at the start.
+        i = min(range(1, i_min), key=lambda j: losses[j + 1] - losses[j - 1]) if i_min > 1 else 0
         raw = lrs[i]
         how = f"steepest fall of the loss at lr {raw:.2g}"
     else:
