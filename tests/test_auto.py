@@ -159,6 +159,10 @@ def test_pick_lr_rules_read_the_curve() -> None:
     trace = [(lr, 1.0 + (math.log10(lr) + 1) ** 2 / 8) for lr in lrs]
     lr, why = auto.pick_lr(trace, "adamw", "min10")
     assert lr == pytest.approx(0.01) and "a tenth" in why
+    # min5: a fifth (SGD's clamp, 1e-3..0.5, leaves 0.02 as it is; Adam's would cap it at 0.01)
+    lr, why = auto.pick_lr(trace, "sgd", "min5")
+    assert lr == pytest.approx(0.02) and "a fifth" in why
+    assert auto.pick_lr(trace, "adamw", "min5")[0] == pytest.approx(0.01)
     # valley: the middle of the falling stretch (from the 6th point, after the skipped ones, to 0.1)
     lr, _ = auto.pick_lr(trace, "adamw", "valley")
     assert lrs[5] < lr < 0.01

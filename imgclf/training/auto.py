@@ -101,7 +101,7 @@ LR_STEPS = 80
 LR_RANGE = {"sgd": (1e-4, 10.0), "adadelta": (1e-2, 100.0)}
 LR_RANGE_ADAPTIVE = (1e-5, 1.0)
 # How a range test's trace becomes a rate (pick_lr); LR_RULES are the rules it knows.
-LR_RULES = ("min10", "valley", "steep")
+LR_RULES = ("min10", "min5", "valley", "steep")
 LR_RULE = "min10"
 # Range tests whose picks' median is the rate: one test's pick moves 2-5x with its batches alone
 # (bench/lr_rule.py), and so with the CPU's rounding.
@@ -356,7 +356,8 @@ def _range_trace(
 def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str = LR_RULE) -> tuple[float, str]:
     """The rate ``rule`` (one of ``LR_RULES``) reads off a range test's [(rate, smoothed loss)].
 
-    ``min10``: a tenth of the rate with the lowest loss (fastai's ``minimum``). ``valley``:
+    ``min10``: a tenth of the rate with the lowest loss (fastai's ``minimum``); ``min5``: a fifth
+    of it ("The rate rule: a fifth", docs/ACCURACY.md). ``valley``:
     halfway along the longest run of falling losses (fastai's default ``valley``). ``steep``: where
     the loss falls fastest against log(rate) (fastai's ``steep``). Clamped to ``LR_CLAMP``.
     """
@@ -368,9 +369,10 @@ def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str = LR_RUL
     lrs = [t[0] for t in core]
     losses = [t[1] for t in core]
     i_min = min(range(len(core)), key=lambda i: losses[i])
-    if rule == "min10":
-        raw = lrs[i_min] / 10
-        how = f"lowest smoothed loss {losses[i_min]:.3f} at lr {lrs[i_min]:.2g}; a tenth of it"
+    if rule in ("min10", "min5"):
+        div = int(rule[3:])
+        raw = lrs[i_min] / div
+        how = f"lowest smoothed loss {losses[i_min]:.3f} at lr {lrs[i_min]:.2g}; a {_PART[div]} of it"
     elif rule == "valley":
         start, end = _longest_valley(losses)
         i = start + (end - start) // 2
@@ -385,6 +387,9 @@ def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str = LR_RUL
         raise ValueError(f"unknown learning-rate rule {rule!r}; choose one of {', '.join(LR_RULES)}")
     lr = float(min(hi_c, max(lo_c, raw)))
     return lr, f"range test over {len(trace)} steps: {how}, within {lo_c:g}-{hi_c:g}"
+
+
+_PART = {10: "tenth", 5: "fifth"}
 
 
 def _longest_valley(losses: list[float]) -> tuple[int, int]:
