@@ -153,7 +153,7 @@ def test_find_lr_restores_the_model_and_picks_a_working_rate() -> None:
     assert float(F.cross_entropy(model(x), y).detach()) < 0.3
 
 
-def test_pick_lr_rules_read_the_curve() -> None:
+def test_pick_lr_rules_read_the_curve(monkeypatch: pytest.MonkeyPatch) -> None:
     # A loss falling from 2.0 to its lowest point at rate 0.1, then rising: 41 rates, 1e-5 .. 1.
     lrs = [1e-5 * 10 ** (i / 8) for i in range(41)]
     trace = [(lr, 1.0 + (math.log10(lr) + 1) ** 2 / 8) for lr in lrs]
@@ -163,6 +163,8 @@ def test_pick_lr_rules_read_the_curve() -> None:
     lr, why = auto.pick_lr(trace, "sgd", "min5")
     assert lr == pytest.approx(0.02) and "a fifth" in why
     assert auto.pick_lr(trace, "adamw", "min5")[0] == pytest.approx(0.01)
+    monkeypatch.setattr(auto, "LR_RULE", "min5")  # the default rule is read at call time
+    assert auto.pick_lr(trace, "sgd")[0] == pytest.approx(0.02)
     # valley: the middle of the falling stretch (from the 6th point, after the skipped ones, to 0.1)
     lr, _ = auto.pick_lr(trace, "adamw", "valley")
     assert lrs[5] < lr < 0.01

@@ -353,14 +353,16 @@ def _range_trace(
     return trace
 
 
-def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str = LR_RULE) -> tuple[float, str]:
-    """The rate ``rule`` (one of ``LR_RULES``) reads off a range test's [(rate, smoothed loss)].
+def pick_lr(trace: list[tuple[float, float]], optimizer: str, rule: str | None = None) -> tuple[float, str]:
+    """The rate ``rule`` (one of ``LR_RULES``; default ``LR_RULE``) reads off a range test's
+    [(rate, smoothed loss)].
 
     ``min10``: a tenth of the rate with the lowest loss (fastai's ``minimum``); ``min5``: a fifth
     of it ("The rate rule: a fifth", docs/ACCURACY.md). ``valley``:
     halfway along the longest run of falling losses (fastai's default ``valley``). ``steep``: where
     the loss falls fastest against log(rate) (fastai's ``steep``). Clamped to ``LR_CLAMP``.
     """
+    rule = LR_RULE if rule is None else rule  # read at call time: benches set auto.LR_RULE
     lo_c, hi_c = LR_CLAMP.get(optimizer, (1e-5, 1.0))
     if len(trace) < 10:
         return lo_c, f"range test stopped after {len(trace)} steps; using the floor {lo_c:g}"
