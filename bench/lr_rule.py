@@ -89,6 +89,7 @@ def main() -> None:
                 "picks": picks,
                 "traces": [[[round(lr, 8), round(loss, 5)] for lr, loss in t] for t in tr],
                 "seconds": round(time.time() - t0, 1),
+                "cpu": suite.cpu_tag(),
             }
             result["cpu"] = suite.cpu_facts()
             a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -84,6 +84,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # lowest-loss rate ("The rate rule: a fifth"); on the full-size suite sets too.
     "auto": {},
     "min5": {AUTO_KEY: {"LR_RULE": "min5"}},
+    # The auto recipe plus MixUp at a = 0.2 ("MixUp for the default"). Mixing is left out of the
+    # range test and draws from its own stream, so the run gets its baseline's rate and warps.
+    "mix20": {"mixup": 0.2},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},

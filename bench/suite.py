@@ -105,6 +105,14 @@ def cpu_facts() -> dict[str, Any]:
     return {"model": model, "flags": flags, "cores": os.cpu_count()}
 
 
+def cpu_tag() -> str:
+    """One line for a row: benches that keep rows across runs (small_images, lr_rule) span CPU
+    draws, so each row says which CPU it ran on rather than the file's last writer."""
+    facts = cpu_facts()
+    keys = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in facts["flags"]]
+    return f"{facts['model']}, {facts['cores']} cores, {' '.join(keys) or 'no avx2'}"
+
+
 def run_row(
     run_dir: Path,
     metrics: dict[str, Any],
@@ -127,6 +135,7 @@ def run_row(
         **{k: cfg[k] for k in cfg_keys},
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "load_avg_start": [round(x, 2) for x in load0],
+        "cpu": cpu_tag(),
     }
 
 

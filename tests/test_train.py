@@ -58,16 +58,19 @@ def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
         train(cfg, progress=False)
 
 
-def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mix", [{}, {"cutmix": 1.0, "mixup": 0.4}], ids=["plain", "mixed"])
+def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path: Path, mix: dict) -> None:
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bitwise reproducibility needs one thread schedule
     try:
         # a constant lr makes a 2-epoch plan identical to the first 2 epochs of a 3-epoch plan
-        straight = train(_digits(tmp_path, "a", epochs=3, subset=400, lr_decay=0.0), progress=False)
-        part = train(_digits(tmp_path, "b", epochs=2, subset=400, lr_decay=0.0), progress=False)
+        kw = dict(subset=400, lr_decay=0.0, **mix)
+        straight = train(_digits(tmp_path, "a", epochs=3, **kw), progress=False)
+        part = train(_digits(tmp_path, "b", epochs=2, **kw), progress=False)
         assert part.metrics["epochs_run"] == 2
         cont = resume(part.run_dir, epochs=3, progress=False)
     finally:
-        torch.set_num_threads(torch.get_num_threads())
+        torch.set_num_threads(threads)
     rows = list(csv.DictReader(open(cont.run_dir / "history.csv")))
     assert [int(float(r["epoch"])) for r in rows] == [1, 2, 3]
     a = load_file(str(straight.run_dir / "checkpoints" / "last.safetensors"))
@@ -79,6 +82,7 @@ def test_resume_continues_from_saved_epoch_and_matches_uninterrupted(tmp_path: P
 
 def test_resume_keeps_the_decayed_schedule_identical(tmp_path: Path) -> None:
     """Resume must not re-apply the decay to already decayed rates (the lr trace is identical)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         # an explicit per-step decay makes the schedule independent of the planned epoch count
@@ -87,7 +91,7 @@ def test_resume_keeps_the_decayed_schedule_identical(tmp_path: Path) -> None:
         part = train(_digits(tmp_path, "b", **{**kw, "epochs": 2}), progress=False)
         cont = resume(part.run_dir, epochs=3, progress=False)
     finally:
-        torch.set_num_threads(torch.get_num_threads())
+        torch.set_num_threads(threads)
     lr_a = [h["lr"] for h in straight.history]
     lr_b = [h["lr"] for h in cont.history]
     assert lr_b == pytest.approx(lr_a, rel=1e-9)
@@ -213,6 +217,43 @@ def test_random_erasing_fills_one_box_per_image_and_replays() -> None:
     assert 3 <= int((p.erase[:, 2] > p.erase[:, 0]).sum()) <= 13  # about half the images
     assert torch.equal(out, aug.apply(x, p))  # same parameters, same output
     assert float(out.min()) >= 0 and float(out.max()) <= 255
+
+
+def test_mixup_and_cutmix_blend_each_image_with_its_partner_and_replay() -> None:
+    from imgclf.data.augment import Mix
+
+    x = torch.rand(8, 3, 16, 20) * 255
+    mixup = Mix(mixup=0.4)
+    p = mixup.draw(8, 16, 20, torch.Generator().manual_seed(5))
+    q = mixup.draw(8, 16, 20, torch.Generator().manual_seed(5))
+    assert sorted(p.perm.tolist()) == list(range(8)) and 0 <= p.lam <= 1 and p.box is None
+    assert torch.equal(p.perm, q.perm) and p.lam == q.lam  # same generator state, same draw
+    assert torch.allclose(mixup.apply(x, p), p.lam * x + (1 - p.lam) * x[p.perm])
+    cutmix = Mix(cutmix=1.0)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        p = cutmix.draw(8, 16, 20, g)
+        y0, y1, x0, x1 = p.box
+        out = cutmix.apply(x, p)
+        inside = torch.zeros(16, 20, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.equal(out[:, :, inside], x[p.perm][:, :, inside])
+        assert torch.equal(out[:, :, ~inside], x[:, :, ~inside])
+        assert p.lam == pytest.approx(1 - int(inside.sum()) / (16 * 20))  # the label weight is the area kept
+    both = Mix(mixup=0.2, cutmix=1.0)
+    kinds = {both.draw(4, 16, 20, g).box is None for _ in range(40)}
+    assert kinds == {True, False}  # each batch takes one of the two
+
+
+def test_mixup_trains_on_blended_labels(tmp_path: Path) -> None:
+    plain = train(_digits(tmp_path, "plain", epochs=3, lr=2e-3, optimizer="adam"), progress=False)
+    mixed = train(_digits(tmp_path, "mixed", epochs=3, lr=2e-3, optimizer="adam", mixup=1.0), progress=False)
+    assert json.loads((mixed.run_dir / "config.json").read_text())["mixup"] == 1.0
+    # Blended targets cannot be fitted as well as clean ones; the model still learns the digits.
+    assert mixed.history[-1]["train_loss"] > plain.history[-1]["train_loss"] + 0.1
+    assert mixed.metrics["test_accuracy"] > 0.8
+    with pytest.raises(ConfigError, match="mixup"):
+        TrainConfig(mixup=-1).validate()
 
 
 def test_device_option_is_checked_before_training() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,6 +111,52 @@ class Augment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.apply(x, self.draw(x.shape[0], generator))
+
+
+@dataclass(frozen=True)
+class MixParams:
+    perm: torch.Tensor  # (B,) the partner each image is mixed with
+    lam: float  # the weight of each image's own label: the mix weight, or the area a box left
+    box: tuple[int, int, int, int] | None = None  # CutMix: rows y0:y1, cols x0:x1 from the partner
+
+
+@dataclass(frozen=True)
+class Mix:
+    """MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019) on whole batches.
+
+    Each batch is paired with a shuffled copy of itself; the loss weighs both labels by ``lam``
+    (``Trainer.loss``). ``mixup`` / ``cutmix`` are the Beta(a, a) concentrations (0 = off); with
+    both on, each batch takes one of the two at random (as timm's ``Mixup``).
+    """
+
+    mixup: float = 0.0
+    cutmix: float = 0.0
+
+    def draw(self, batch: int, height: int, width: int, generator: torch.Generator) -> MixParams:
+        perm = torch.randperm(batch, generator=generator)
+        # torch's Beta takes no generator: a numpy stream seeded from it keeps runs repeatable.
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        cut = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < 0.5)
+        lam = float(rng.beta(self.cutmix, self.cutmix) if cut else rng.beta(self.mixup, self.mixup))
+        if not cut:
+            return MixParams(perm, lam)
+        # A box of area 1 - lam at a uniform centre, clipped to the image; lam is the area left.
+        r = np.sqrt(1.0 - lam)
+        cy, cx = rng.integers(height), rng.integers(width)
+        y0, y1 = max(cy - int(height * r) // 2, 0), min(cy + int(height * r) // 2, height)
+        x0, x1 = max(cx - int(width * r) // 2, 0), min(cx + int(width * r) // 2, width)
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+        return MixParams(perm, lam, (int(y0), int(y1), int(x0), int(x1)))
+
+    @staticmethod
+    def apply(x: torch.Tensor, p: MixParams) -> torch.Tensor:
+        """Mix NCHW ``x`` with ``x[p.perm]`` (any pixel scale: the mix is linear)."""
+        if p.box is None:
+            return x * p.lam + x[p.perm] * (1.0 - p.lam)
+        y0, y1, x0, x1 = p.box
+        out = x.clone()
+        out[:, :, y0:y1, x0:x1] = x[p.perm][:, :, y0:y1, x0:x1]
+        return out
 
 
 def _mat(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

@@ -277,6 +277,24 @@ class TrainConfig:
         ge=0,
         le=1,
     )
+    mixup: float = option(
+        default=0.0,
+        help=(
+            "MixUp: blend each training batch with a shuffled copy of itself and weigh the two labels "
+            "by the blend, drawn from Beta(a, a) with this a (0 = off; 0.2 is usual)"
+        ),
+        ge=0,
+        le=10,
+    )
+    cutmix: float = option(
+        default=0.0,
+        help=(
+            "CutMix: paste a box from a shuffled copy of each batch, the labels weighed by area; Beta(a, a) "
+            "draws the area (0 = off; 1.0 is usual; with --mixup too, each batch takes one of the two)"
+        ),
+        ge=0,
+        le=10,
+    )
     aug_interp: str = option(
         default="bilinear",
         help=(

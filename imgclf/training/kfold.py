@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "zoom": 0.1,
     "flip": "off",
     "erase": 0.0,
+    "mixup": 0.0,
+    "cutmix": 0.0,
 }
 # Small sets get smaller batches and more epochs (when not given): a model that took a handful of
 # steps predicts its prior, and confident learning then flags noise, not label errors.

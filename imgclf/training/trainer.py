@@ -28,7 +28,7 @@ from imgclf.core.errors import TrainingError
 from imgclf.core.files import atomic_write_bytes, display_path, text_bytes
 from imgclf.core.preprocess import Preprocess, normalize
 from imgclf.data import sources as D
-from imgclf.data.augment import Augment
+from imgclf.data.augment import Augment, Mix, MixParams
 from imgclf.models.registry import create_model, get_spec, logits_to_probs, num_outputs
 from imgclf.runtime.bundle import save_bundle
 from imgclf.runtime.calibration import MIN_IMAGES as MIN_CALIBRATION_IMAGES
@@ -757,6 +757,8 @@ class Trainer:
                 self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
             )
         self.aug = make_augment(self.cfg)
+        self.mix = Mix(cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
+        self.mix_gen = torch.Generator()
         self.opt = make_optimizer(self.model, cfg, layer_lr_mults(self.model, self.loaded, cfg.layer_lr_min))
         self.base_lrs = [cfg.lr * g["lr_mult"] for g in self.opt.param_groups]
         # Freezing needs new layers to train: with every tensor loaded there is nothing to warm up.
@@ -839,12 +841,24 @@ class Trainer:
         return lr, f"{why}; {time.time() - t0:.0f} s"
 
     def loss(
-        self, model: torch.nn.Module, x: torch.Tensor, yb: torch.Tensor
+        self, model: torch.nn.Module, x: torch.Tensor, yb: torch.Tensor, mix: MixParams | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training loss, predictions) of ``model`` on one batch, as every step computes them."""
+        """(training loss, predictions) of ``model`` on one batch, as every step computes them.
+
+        A mixed batch (``mix``) weighs the loss against each image's own label by ``mix.lam`` and
+        against its partner's by the rest, as MixUp and CutMix do; predictions are scored against
+        the own label, so a mixed run's training accuracy reads low.
+        """
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = model(x)
         out = out.float()
+        loss, pred = self._criterion(out, yb)
+        if mix is not None:
+            loss = mix.lam * loss + (1.0 - mix.lam) * self._criterion(out, yb[mix.perm])[0]
+        return loss, pred
+
+    def _criterion(self, out: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, predictions) of logits ``out`` against labels ``yb`` for this run's label kind."""
         w = self.class_weights
         if self.multi:
             loss = F.binary_cross_entropy_with_logits(out, yb, pos_weight=self.pos_weight)
@@ -940,6 +954,9 @@ class Trainer:
         aug_gen = self.gen
         if dist.world_size > 1:
             aug_gen = torch.Generator().manual_seed(cfg.seed + 7919 * epoch + dist.rank)
+        # Its own stream, seeded per epoch: mixing leaves the augmentation draws as they were, and
+        # a run resumed at an epoch boundary mixes as the uninterrupted one did.
+        self.mix_gen.manual_seed(cfg.seed * 1_000_003 + 7919 * epoch + dist.rank)
         run_loss, run_correct, seen = 0.0, 0, 0
         bar = tqdm(
             range(self.steps_per_epoch),
@@ -993,7 +1010,11 @@ class Trainer:
         frozen = self.state.epoch < self.freeze_epochs
         for g, lr0 in zip(self.opt.param_groups, self.base_lrs):
             g["lr"] = 0.0 if frozen and g.get("loaded", False) else lr0 * f
-        loss, pred = self.loss(self.step_model, x, yb)
+        mix = None
+        if self.mix is not None:
+            mix = self.mix.draw(len(yb), x.shape[2], x.shape[3], self.mix_gen)
+            x = self.mix.apply(x, mix)
+        loss, pred = self.loss(self.step_model, x, yb, mix)
         value = loss.item()
         self.run_callbacks("on_loss", b, value)
         if self.state.failed:
