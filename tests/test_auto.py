@@ -100,6 +100,17 @@ def test_user_values_are_never_decided(sign_dir: Path) -> None:
     assert tut.lr == 1e-3 and tut.epochs == 25 and "auto" not in tut.extra
 
 
+def test_another_optimizer_gets_a_weight_decay_it_can_train_with(tmp_path: Path) -> None:
+    """AdamW's decoupled 0.05, added to Adam's gradient, kept LeNet on digits at chance."""
+    assert config_from({"data": "digits"}).weight_decay == auto.STATIC["weight_decay"]
+    assert config_from({"data": "digits", "optimizer": "sgd"}).weight_decay == auto.COUPLED_WEIGHT_DECAY
+    assert config_from({"data": "digits", "optimizer": "adam", "weight_decay": 0.01}).weight_decay == 0.01
+    res = imgclf.train(
+        data="digits", model="lenet", optimizer="adam", epochs=3, out=str(tmp_path / "r"), tensorboard=False
+    )
+    assert res.metrics["test_accuracy"] > 0.6  # 0.10 with weight decay 0.05
+
+
 def _decoded(data: str, n: int | None = None):
     cfg = config_from({"data": data, "subset": n} if n else {"data": data})
     index = D.index_source(cfg.data, None)

@@ -222,10 +222,13 @@ def recipe_values(recipe: str, given: dict[str, Any]) -> dict[str, Any]:
     data = str(given.get("data", TrainConfig.data))
     dataset = dataset_key(data)
     if recipe == "auto":
-        from imgclf.training.auto import STATIC
+        from imgclf.training.auto import COUPLED_WEIGHT_DECAY, STATIC
 
         # The rest is decided from the data when training starts (imgclf.training.auto).
-        return {**_FOLDER_SPLITS, **STATIC} if dataset == "folder" else dict(STATIC)
+        static = {**_FOLDER_SPLITS, **STATIC} if dataset == "folder" else dict(STATIC)
+        if given.get("optimizer", static["optimizer"]) != "adamw":
+            static["weight_decay"] = COUPLED_WEIGHT_DECAY
+        return static
     model = str(given.get("model") or default_model(dataset)).lower()
     if model.startswith("timm:"):
         # Pretrained timm nets fine-tune best with a small AdamW rate and a short cosine run.

@@ -846,8 +846,7 @@ class Trainer:
         """(training loss, predictions) of ``model`` on one batch, as every step computes them.
 
         A mixed batch (``mix``) weighs the loss against each image's own label by ``mix.lam`` and
-        against its partner's by the rest, as MixUp and CutMix do; predictions are scored against
-        the own label, so a mixed run's training accuracy reads low.
+        against its partner's by the rest, as MixUp and CutMix do.
         """
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = model(x)
@@ -1015,6 +1014,10 @@ class Trainer:
             mix = self.mix.draw(len(yb), x.shape[2], x.shape[3], self.mix_gen)
             x = self.mix.apply(x, mix)
         loss, pred = self.loss(self.step_model, x, yb, mix)
+        if mix is not None and mix.lam < 0.5:
+            # Training accuracy counts the dominant label, here the partner's: predictions put back
+            # in partner order match ``yb`` as often as the originals match ``yb[perm]``.
+            pred = pred[torch.argsort(mix.perm)]
         value = loss.item()
         self.run_callbacks("on_loss", b, value)
         if self.state.failed:
