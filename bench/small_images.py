@@ -169,7 +169,8 @@ def _bits(hexed: str, n: int) -> Any:
 
 
 def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -> str:
-    """Markdown: each candidate against the first of ``bases`` a dataset has, seed by seed: on the
+    """Markdown: each candidate against the first of ``bases`` a dataset has, seed by seed, where both
+    rows carry the same ``cpu`` tag: on the
     official test images (fashion*/mnist*) the difference and its standard error from the images
     the two runs disagree on (McNemar); elsewhere the difference on the split's test images."""
     import numpy as np
@@ -182,6 +183,8 @@ def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -
             b = runs.get(f"{base}@{seed}" if seed else str(base))
             if base is None or cand == base or b is None:
                 continue
+            if r.get("cpu") is None or r.get("cpu") != b.get("cpu"):
+                continue  # a pair is only a pair on one CPU (rows without a tag ran on another draw)
             if ds not in IDX_FOLDERS:
                 y, x = 100 * b["test_accuracy"], 100 * r["test_accuracy"]
                 lines.append(f"| {ds} | {cand} | {seed or 42} | {y:.2f} | {x:.2f} | {x - y:+.2f} | - |")
