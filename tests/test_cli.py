@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.cli import main
+from imgclf.training import auto
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -104,7 +105,11 @@ def test_config_file_keys_beat_the_recipe_even_at_default_values(tmp_path: Path)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["lr"], cfg["optimizer"], cfg["epochs"], cfg["recipe"]) == (0.001, "adam", 1, "auto")
-    assert cfg["weight_decay"] == 0.05  # keys the file leaves out still come from the recipe
+    # Keys the file leaves out still come from the recipe (its weight decay for a non-AdamW optimizer).
+    assert (cfg["label_smoothing"], cfg["weight_decay"]) == (
+        auto.STATIC["label_smoothing"],
+        auto.COUPLED_WEIGHT_DECAY,
+    )
     cfg_file.write_text(json.dumps({"data": "digits", "lr": 0.001, "lrr": 2}))
     r = _run("train", "--config", str(cfg_file), "--out", str(tmp_path / "r2"), "--no-progress")
     assert r.returncode == 2 and "lrr" in r.stderr and "did you mean 'lr'" in r.stderr
