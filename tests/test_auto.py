@@ -16,7 +16,7 @@ import imgclf
 from imgclf.core.preprocess import Preprocess
 from imgclf.data import sources as D
 from imgclf.training import auto
-from imgclf.training.recipes import config_from
+from imgclf.training.recipes import COUPLED_WEIGHT_DECAY, config_from
 from imgclf.training.trainer import prepare_data, resolve_defaults
 
 
@@ -103,7 +103,10 @@ def test_user_values_are_never_decided(sign_dir: Path) -> None:
 def test_another_optimizer_gets_a_weight_decay_it_can_train_with(tmp_path: Path) -> None:
     """AdamW's decoupled 0.05, added to Adam's gradient, kept LeNet on digits at chance."""
     assert config_from({"data": "digits"}).weight_decay == auto.STATIC["weight_decay"]
-    assert config_from({"data": "digits", "optimizer": "sgd"}).weight_decay == auto.COUPLED_WEIGHT_DECAY
+    assert config_from({"data": "digits", "optimizer": "sgd"}).weight_decay == COUPLED_WEIGHT_DECAY
+    # The best recipes' AdamW decays follow the same rule.
+    best = config_from({"data": "digits", "model": "lenet", "recipe": "best", "optimizer": "adam"})
+    assert best.weight_decay == COUPLED_WEIGHT_DECAY
     assert config_from({"data": "digits", "optimizer": "adam", "weight_decay": 0.01}).weight_decay == 0.01
     res = imgclf.train(
         data="digits", model="lenet", optimizer="adam", epochs=3, out=str(tmp_path / "r"), tensorboard=False

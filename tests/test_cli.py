@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.cli import main
-from imgclf.training import auto
+from imgclf.training import auto, recipes
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -108,7 +108,7 @@ def test_config_file_keys_beat_the_recipe_even_at_default_values(tmp_path: Path)
     # Keys the file leaves out still come from the recipe (its weight decay for a non-AdamW optimizer).
     assert (cfg["label_smoothing"], cfg["weight_decay"]) == (
         auto.STATIC["label_smoothing"],
-        auto.COUPLED_WEIGHT_DECAY,
+        recipes.COUPLED_WEIGHT_DECAY,
     )
     cfg_file.write_text(json.dumps({"data": "digits", "lr": 0.001, "lrr": 2}))
     r = _run("train", "--config", str(cfg_file), "--out", str(tmp_path / "r2"), "--no-progress")

@@ -48,10 +48,6 @@ STATIC: dict[str, Any] = {
     "shear": 0.0,
     "keep": "best",
 }
-# STATIC's weight decay is AdamW's, decoupled from the gradient. With another --optimizer it is
-# added to the gradient, where 0.05 swamps it (LeNet on digits with --optimizer adam stayed at
-# chance, 10 % test); such runs get the usual L2 of SGD-trained ResNets instead.
-COUPLED_WEIGHT_DECAY = 5e-4
 # Keys decided from the data; a key the user gave is left out of cfg.extra["auto"].
 DATA_KEYS = (
     "model",
