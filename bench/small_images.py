@@ -170,9 +170,9 @@ def _bits(hexed: str, n: int) -> Any:
 
 def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -> str:
     """Markdown: each candidate against the first of ``bases`` a dataset has, seed by seed, where both
-    rows carry the same ``cpu`` tag: on the
-    official test images (fashion*/mnist*) the difference and its standard error from the images
-    the two runs disagree on (McNemar); elsewhere the difference on the split's test images."""
+    rows carry the same ``cpu`` tag: on the official test images (fashion*/mnist*) the difference
+    and its standard error from the images the two runs disagree on (McNemar); elsewhere the
+    difference on the split's test images."""
     import numpy as np
 
     lines = ["| dataset | candidate | seed | base % | candidate % | diff | SE of diff |", "|---" * 7 + "|"]
