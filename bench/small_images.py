@@ -144,22 +144,11 @@ def _idx_folder(dst: Path, source: str, n: int | None, split: str = "train") -> 
 
 def official_test(run_dir: Path, ds: str, cache: Path) -> dict[str, Any]:
     """Accuracy of a fashion*/mnist* run's bundle on its source's official test set (10,000
-    images, none of them in the training draw), and which images it got right (hex of packed
-    bits, in the folder's sorted order) so two runs can be compared image by image."""
-    import hashlib
-
-    import numpy as np
-
+    images, none of them in the training draw) and which images it got right (``test_official*``
+    keys, :func:`suite.right_bits`)."""
     source = IDX_FOLDERS[ds][0]
     folder = _idx_folder(cache / f"{source}-test", source, None, split="test")
-    res = imgclf.evaluate(str(run_dir), data=str(folder))
-    right = res.probs.argmax(1) == res.labels
-    return {
-        "test_official": round(float(right.mean()), 6),
-        "test_official_size": int(right.size),
-        "test_official_items": hashlib.sha1("\n".join(res.files_rel).encode()).hexdigest()[:12],
-        "test_official_right": np.packbits(right).tobytes().hex(),
-    }
+    return suite.right_bits(imgclf.evaluate(str(run_dir), data=str(folder)), "test_official")
 
 
 def _bits(hexed: str, n: int) -> Any:
@@ -170,9 +159,9 @@ def _bits(hexed: str, n: int) -> Any:
 
 def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -> str:
     """Markdown: each candidate against the first of ``bases`` a dataset has, seed by seed, where both
-    rows carry the same ``cpu`` tag: on the official test images (fashion*/mnist*) the difference
-    and its standard error from the images the two runs disagree on (McNemar); elsewhere the
-    difference on the split's test images."""
+    rows carry the same ``cpu`` tag: the difference on the images both runs were scored on (the
+    official test set for fashion*/mnist*, else the split's test images) and its standard error from
+    the images the two runs disagree on (McNemar); "-" for rows kept before their bits were."""
     import numpy as np
 
     lines = ["| dataset | candidate | seed | base % | candidate % | diff | SE of diff |", "|---" * 7 + "|"]
@@ -185,16 +174,17 @@ def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -
                 continue
             if r.get("cpu") is None or r.get("cpu") != b.get("cpu"):
                 continue  # a pair is only a pair on one CPU (rows without a tag ran on another draw)
-            if ds not in IDX_FOLDERS:
+            key = "test_official" if ds in IDX_FOLDERS else "test_split"
+            if ds in IDX_FOLDERS and (key + "_right" not in r or key + "_right" not in b):
+                continue  # a run scored on its split only (before the official test was kept)
+            if key + "_right" not in r or key + "_right" not in b:
                 y, x = 100 * b["test_accuracy"], 100 * r["test_accuracy"]
                 lines.append(f"| {ds} | {cand} | {seed or 42} | {y:.2f} | {x:.2f} | {x - y:+.2f} | - |")
                 continue
-            if "test_official_right" not in r or "test_official_right" not in b:
-                continue  # a run scored on its split only (before the official test was kept)
-            if r["test_official_items"] != b["test_official_items"]:
+            if r[key + "_items"] != b[key + "_items"]:
                 raise SystemExit(f"{ds} {name}: scored on other images than {base}")
-            n = r["test_official_size"]
-            x, y = (_bits(t["test_official_right"], n) for t in (r, b))
+            n = r[key + "_size"]
+            x, y = (_bits(t[key + "_right"], n) for t in (r, b))
             diff = x.mean() - y.mean()
             se = np.sqrt(((x != y).mean() - diff**2) / n)
             lines.append(

@@ -113,6 +113,33 @@ def cpu_tag() -> str:
     return f"{facts['model']}, {facts['cores']} cores, {' '.join(keys) or 'no avx2'}"
 
 
+def right_bits(res: Any, prefix: str) -> dict[str, Any]:
+    """An evaluation's accuracy and which images it got right (hex of packed bits, in evaluation
+    order) with a hash of those files, under ``prefix``: two runs scored on the same images can then
+    be compared image by image (``small_images.py --table --paired`` gives the SE of a difference)."""
+    import hashlib
+
+    import numpy as np
+
+    right = np.asarray(res.correct, dtype=bool)
+    return {
+        prefix: round(float(right.mean()), 6),
+        f"{prefix}_size": int(right.size),
+        f"{prefix}_items": hashlib.sha1("\n".join(res.files_rel).encode()).hexdigest()[:12],
+        f"{prefix}_right": np.packbits(right).tobytes().hex(),
+    }
+
+
+def split_test_bits(run_dir: Path) -> dict[str, Any]:
+    """:func:`right_bits` of a run's bundle on the run's own test split (``test_split_*`` keys; its
+    accuracy can differ from the trainer's ``test_accuracy`` by the odd image: the bundle predicts
+    through the exported graph). Empty when the run kept no test split."""
+    splits = run_dir / "splits.json"
+    if not splits.exists() or not json.loads(splits.read_text()).get("test"):
+        return {}
+    return right_bits(imgclf.evaluate(str(run_dir), split="test", progress=False), "test_split")
+
+
 def run_row(
     run_dir: Path,
     metrics: dict[str, Any],
@@ -121,9 +148,11 @@ def run_row(
     cfg_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One bench row of a finished run: test/val accuracy, times, model, size, when and under what
-    load, plus ``cfg_keys`` from its config.json (the suite, transfer and small-image benches)."""
+    load, plus ``cfg_keys`` from its config.json (the suite, transfer and small-image benches) and
+    which test-split images it got right (:func:`split_test_bits`)."""
+    run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text())
-    return {
+    row = {
         "test_accuracy": metrics.get("test_accuracy"),
         "val_accuracy": metrics.get("val_accuracy"),
         "test_size": metrics.get("test_size"),
@@ -137,6 +166,7 @@ def run_row(
         "load_avg_start": [round(x, 2) for x in load0],
         "cpu": cpu_tag(),
     }
+    return {**row, **split_test_bits(run_dir)}
 
 
 def config_choices(key: str) -> tuple[Any, ...]:
