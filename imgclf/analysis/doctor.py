@@ -851,28 +851,52 @@ def write_html(
     n_thumbs = sum(min(len(g), max_groups) for _, g in sections)
     bar = tqdm(total=n_thumbs, desc="thumbnails", disable=not progress, leave=False)
     for title, groups in sections:
-        out.append(f"<h2>{title} ({len(groups)})</h2>")
-        for g in groups[:max_groups]:
-            cards = []
-            for k, e in enumerate(g["items"]):
-                i = pos.get(e["path"])
-                src = _thumb(index, i) if i is not None else ""
-                im = f"<img src='{src}' alt=''>" if src else "<div class='miss'></div>"
-                where = f" [{esc(g['split_of'][k])}]" if "split_of" in g else ""
-                cards.append(
-                    f"<div class='c'>{im}{esc(e['path'])}<br>class {esc(e['class'])}{where}<br>"
-                    f"{e['size'][0]}x{e['size'][1]}</div>"
-                )
-            extra = f" &middot; distance &lt;= {g['max_distance']}" if g["kind"] == "near" else ""
-            out.append(f"<div>{esc(g['kind'])}{extra}</div><div class='g'>{''.join(cards)}</div>")
-            bar.update(1)
-        if len(groups) > max_groups:
-            out.append(f"<p>... {len(groups) - max_groups} more groups in inspect.json</p>")
+        out.extend(_groups_html(title, groups, index, pos, max_groups, bar))
     bar.close()
     if "label_issues" in report:
         out.extend(_label_html(report, index, pos, max_groups))
     if "multi_label" in report:
         out.extend(_label_sets_html(report["multi_label"]))
+    out.extend(_file_tables_html(report))
+    out.append("</body></html>")
+    Path(path).write_text(display_path("\n".join(out)), encoding="utf-8")  # odd file names as \\xNN
+
+
+def _groups_html(
+    title: str,
+    groups: list[dict[str, Any]],
+    index: D.SourceIndex,
+    pos: dict[str, int],
+    max_groups: int,
+    bar: Any,
+) -> list[str]:
+    """One section of image groups (conflicts, leakage, duplicates) as thumbnail cards; ``bar``
+    (a tqdm bar) advances a group at a time."""
+    esc = html.escape
+    out = [f"<h2>{title} ({len(groups)})</h2>"]
+    for g in groups[:max_groups]:
+        cards = []
+        for k, e in enumerate(g["items"]):
+            i = pos.get(e["path"])
+            src = _thumb(index, i) if i is not None else ""
+            im = f"<img src='{src}' alt=''>" if src else "<div class='miss'></div>"
+            where = f" [{esc(g['split_of'][k])}]" if "split_of" in g else ""
+            cards.append(
+                f"<div class='c'>{im}{esc(e['path'])}<br>class {esc(e['class'])}{where}<br>"
+                f"{e['size'][0]}x{e['size'][1]}</div>"
+            )
+        extra = f" &middot; distance &lt;= {g['max_distance']}" if g["kind"] == "near" else ""
+        out.append(f"<div>{esc(g['kind'])}{extra}</div><div class='g'>{''.join(cards)}</div>")
+        bar.update(1)
+    if len(groups) > max_groups:
+        out.append(f"<p>... {len(groups) - max_groups} more groups in inspect.json</p>")
+    return out
+
+
+def _file_tables_html(report: dict[str, Any]) -> list[str]:
+    """The per-file findings (unreadable, skipped, wrong extension, tiny, enormous) as tables."""
+    esc = html.escape
+    out: list[str] = []
     for title, key, fmt in [
         ("Unreadable", "unreadable", lambda e: f"{e['reason']} {e.get('detail', '')}"),
         ("Skipped while listing", "skipped", lambda e: e["reason"]),
@@ -893,5 +917,4 @@ def write_html(
                     f"<tr><td>{esc(e['path'])}</td><td>{esc(e['class'])}</td><td>{esc(fmt(e))}</td></tr>"
                 )
             out.append("</table>")
-    out.append("</body></html>")
-    Path(path).write_text(display_path("\n".join(out)), encoding="utf-8")  # odd file names as \\xNN
+    return out

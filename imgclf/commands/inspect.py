@@ -119,9 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="exit with status 1 if any file is unreadable or any label conflict or leakage is found",
     )
+    _add_label_arguments(p.add_argument_group("label errors (--labels)"))
+
+
+def _add_label_arguments(g: argparse._ArgumentGroup) -> None:
     from imgclf.training.kfold import DEFAULTS, MIN_STEPS
 
-    g = p.add_argument_group("label errors (--labels)")
     g.add_argument(
         "--labels",
         action="store_true",

@@ -14,7 +14,7 @@ import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,8 +26,24 @@ from imgclf.core.version import __version__
 from imgclf.models.registry import logits_to_probs
 from imgclf.runtime.onnxrt import META_FORMAT, META_PREFIX, OPTIONAL_JSON
 
-if TYPE_CHECKING:  # the bundle module imports this one
-    from imgclf.runtime.bundle import Bundle
+
+class Bundle(Protocol):
+    """What the graph needs of a bundle: :class:`imgclf.runtime.bundle.Bundle` is one. A protocol,
+    not an import, because the bundle module imports this one."""
+
+    path: Path
+    model: nn.Module | None
+    pre: Preprocess
+    classes: list[str]
+    meta: dict[str, Any]
+    temperature: float
+    ood: Any
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def multi_label(self) -> bool: ...
 
 
 OPSET = 17

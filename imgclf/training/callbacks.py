@@ -26,15 +26,39 @@ import csv
 import io
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from imgclf.core.files import atomic_write_bytes
 
-if TYPE_CHECKING:  # the Trainer imports this module; annotations only
+if TYPE_CHECKING:  # annotations only
     from imgclf.training.config import TrainConfig
-    from imgclf.training.trainer import Trainer
 
 log = logging.getLogger("imgclf")
+
+
+class Trainer(Protocol):
+    """What callbacks read and call of :class:`imgclf.training.trainer.Trainer` (a protocol, not
+    an import, because the trainer module imports this one)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    best_path: Path
+    state: Any  # TrainState: epoch, step, lr_scale, stop_reason, history
+    dist: Any  # the process group view: is_main, world_size, all_reduce_sum
+
+    @property
+    def history(self) -> list[dict[str, float]]: ...
+
+    @property
+    def has_val(self) -> bool: ...
+
+    def monitor(self, logs: dict[str, float]) -> float: ...
+
+    def stop(self, reason: str, *, failed: bool = False) -> None: ...
+
+    def save_weights(self, path: Path) -> None: ...
+
 
 # The improvement that counts for EarlyStopping and ReduceLROnPlateau (Keras' min_delta).
 MIN_DELTA = 1e-4

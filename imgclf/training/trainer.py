@@ -697,6 +697,28 @@ class Trainer:
             raise ConfigError(
                 f"negatives={cfg.negatives}: no such folder; give a folder of 'none of these' images"
             )
+        model = self._index_and_decode()
+        self._place_model(model)
+        self._batches()
+        self._decide_auto()  # recipe auto: flip and learning rate, then the config is final
+        cfg = self.cfg
+        if self.dist.is_main:
+            atomic_write_bytes(
+                self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
+            )
+        self.aug = make_augment(self.cfg)
+        self.mix = Mix(cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
+        self.mix_gen = torch.Generator()
+        self._optimizer()
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.ck_dir.mkdir(exist_ok=True)
+        if self.resuming:
+            self._restore()
+
+    def _index_and_decode(self) -> torch.nn.Module:
+        """Index the source, fill the config's data-dependent defaults, build the model, decode the
+        splits (``self.data``) and load ``--init-weights``; returns the model."""
+        cfg = self.cfg
         self.index = D.index_source(
             cfg.data, cfg.cache_dir, multi_label=cfg.multi_label, label_sep=cfg.label_sep
         )
@@ -727,6 +749,11 @@ class Trainer:
         # them) so that fine-tuning knows which layers were loaded.
         reports = init_model(model, cfg)
         self.loaded = {n for r in reports for n in r.loaded + r.adapted}
+        return model
+
+    def _place_model(self, model: torch.nn.Module) -> None:
+        """Device, memory format, loss weights and precision."""
+        cfg = self.cfg
         self.device = resolve_device(cfg.device)
         if self.dist.world_size > 1 and self.device.type != "cpu":
             raise ConfigError("--ray-workers trains on CPUs (gloo); leave --device at cpu")
@@ -740,25 +767,23 @@ class Trainer:
             log.warning(
                 "--precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); expect it to be slower"
             )
+
+    def _batches(self) -> None:
+        """Batch size, steps and the training tensors."""
         n = len(self.data.train.labels)
-        bs = min(cfg.batch_size, n)
+        bs = min(self.cfg.batch_size, n)
         self.batch_size = bs - bs % self.dist.world_size  # equal shards, so DDP's mean is the global mean
         # Drop the last partial batch: BatchNorm is unstable on tiny ones.
         self.steps_per_epoch = n // self.batch_size
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
         imgs = self.data.train.images  # a StoreArray when streaming: rows are read per batch
         self.x_all = torch.from_numpy(imgs) if isinstance(imgs, np.ndarray) else imgs
         y = self.data.train.targets if self.multi else self.data.train.labels
         self.y_all = torch.from_numpy(y).float() if self.multi else torch.from_numpy(y)
-        self._decide_auto()  # recipe auto: flip and learning rate, then the config is final
+
+    def _optimizer(self) -> None:
+        """Optimizer and per-group rates, fine-tuning's freeze, EMA and the stepped (DDP/compiled) model."""
         cfg = self.cfg
-        if self.dist.is_main:
-            atomic_write_bytes(
-                self.run_dir / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode()
-            )
-        self.aug = make_augment(self.cfg)
-        self.mix = Mix(cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
-        self.mix_gen = torch.Generator()
         self.opt = make_optimizer(self.model, cfg, layer_lr_mults(self.model, self.loaded, cfg.layer_lr_min))
         self.base_lrs = [cfg.lr * g["lr_mult"] for g in self.opt.param_groups]
         # Freezing needs new layers to train: with every tensor loaded there is nothing to warm up.
@@ -775,10 +800,6 @@ class Trainer:
         self.step_model = self.dist.wrap_model(self.model)  # DDP: averages gradients across ranks
         if cfg.compile:
             self.step_model = torch.compile(self.model)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.ck_dir.mkdir(exist_ok=True)
-        if self.resuming:
-            self._restore()
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg

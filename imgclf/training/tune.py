@@ -430,34 +430,11 @@ def tune(
     line per finished trial and the final table; ``quiet`` keeps the trials' own log lines out of
     stderr (their train.log has them). Raises :class:`TrainingError` when no trial gave a value.
     """
-    if not budget_s > 0:
-        raise ConfigError(f"budget {budget_s!r}: give a positive number of seconds")
-    if trials is not None and trials < 1:
-        raise ConfigError(f"trials={trials}: give at least 1")
-    planned = int(given.get("epochs", max_epochs))  # epochs the user fixed are kept
-    if min_epochs is None:
-        # First rung at a tenth of a full trial: epoch-1 accuracies (mid warm-up) rank trials poorly.
-        min_epochs = max(1, planned // 10)
-    if planned < 1 or not 1 <= min_epochs <= planned:
-        raise ConfigError(f"epochs: need 1 <= min_epochs ({min_epochs}) <= epochs of a trial ({planned})")
-    if given.get("ray_workers"):
-        raise ConfigError(
-            "tune trains each trial in one process: leave out ray_workers (use --ray-address to spread "
-            "trials over a Ray cluster)"
-        )
     given = {k: v for k, v in given.items() if k != "out"}
     given.setdefault("data", "digits")
     out = Path(out)
     dims = search_space(given, space)
-    fixed = fixed_keys(given, dims, max_epochs)
-    # Fail on a bad fixed key now, not once per trial.
-    cfg = config_from({**fixed, "out": str(out / "trials" / "check")})
-    if cfg.val_split <= 0:
-        raise ConfigError("tune compares trials by validation accuracy: val_split must be above 0")
-    from imgclf.data.sources import index_source
-
-    # a missing folder or a bad labels file fails here, once
-    index_source(cfg.data, cfg.cache_dir, multi_label=cfg.multi_label, label_sep=cfg.label_sep)
+    fixed, min_epochs = _checked_setup(given, dims, out, budget_s, trials, max_epochs, min_epochs)
     out.mkdir(parents=True, exist_ok=True)
     if ray_address:
         with _quiet_search():
@@ -474,6 +451,61 @@ def tune(
                 quiet,
             )
         return _checked(_finish(rows, fixed, out, budget_s, spent, progress, study_path=out / "ray"))
+    result = _optuna_search(fixed, dims, out, budget_s, trials, min_epochs, pruner, progress, quiet)
+    if progress:
+        print_table(result)
+    return _checked(result)
+
+
+def _checked_setup(
+    given: dict[str, Any],
+    dims: dict[str, Dim],
+    out: Path,
+    budget_s: float,
+    trials: int | None,
+    max_epochs: int,
+    min_epochs: int | None,
+) -> tuple[dict[str, Any], int]:
+    """Every argument and fixed key checked once, before any trial: returns the fixed keys of a
+    trial and the first rung (``min_epochs``, default a tenth of a trial)."""
+    if not budget_s > 0:
+        raise ConfigError(f"budget {budget_s!r}: give a positive number of seconds")
+    if trials is not None and trials < 1:
+        raise ConfigError(f"trials={trials}: give at least 1")
+    planned = int(given.get("epochs", max_epochs))  # epochs the user fixed are kept
+    if min_epochs is None:
+        # First rung at a tenth of a full trial: epoch-1 accuracies (mid warm-up) rank trials poorly.
+        min_epochs = max(1, planned // 10)
+    if planned < 1 or not 1 <= min_epochs <= planned:
+        raise ConfigError(f"epochs: need 1 <= min_epochs ({min_epochs}) <= epochs of a trial ({planned})")
+    if given.get("ray_workers"):
+        raise ConfigError(
+            "tune trains each trial in one process: leave out ray_workers (use --ray-address to spread "
+            "trials over a Ray cluster)"
+        )
+    fixed = fixed_keys(given, dims, max_epochs)
+    cfg = config_from({**fixed, "out": str(out / "trials" / "check")})
+    if cfg.val_split <= 0:
+        raise ConfigError("tune compares trials by validation accuracy: val_split must be above 0")
+    from imgclf.data.sources import index_source
+
+    # a missing folder or a bad labels file fails here, once
+    index_source(cfg.data, cfg.cache_dir, multi_label=cfg.multi_label, label_sep=cfg.label_sep)
+    return fixed, min_epochs
+
+
+def _optuna_search(
+    fixed: dict[str, Any],
+    dims: dict[str, Dim],
+    out: Path,
+    budget_s: float,
+    trials: int | None,
+    min_epochs: int,
+    pruner: str,
+    progress: bool,
+    quiet: bool,
+) -> TuneResult:
+    """The search on one machine: an Optuna study journaled in ``out`` (so it resumes)."""
     optuna = _require_optuna()
     with _quiet_search():
         pruner_obj = _make_pruner(optuna, pruner, min_epochs, int(fixed["epochs"]))
@@ -492,9 +524,7 @@ def tune(
             rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
             spent = float(study.user_attrs.get("spent_s", 0.0))
             result = _finish(rows, fixed, out, budget_s, spent, False, study_path=out / JOURNAL)
-    if progress:
-        print_table(result)
-    return _checked(result)
+    return result
 
 
 def _checked(result: TuneResult) -> TuneResult:
@@ -686,35 +716,36 @@ def _ray_search(
                 run_config=rtune.RunConfig(name="ray", storage_path=str(out), verbose=0 if quiet else 1),
             )
         grid = tuner.fit()
-        rows = []
-        for i, r in enumerate(grid):
-            m = r.metrics or {}
-            epochs = int(m.get("training_iteration", 0))
-            if r.error is not None:
-                state, note = "failed", _one_line(r.error)
-            elif m.get("finished"):
-                state, note = "complete", ""
-            else:
-                state, note = "pruned", f"stopped by ASHA or the budget at epoch {epochs}"
-            val = m.get("val_acc")
-            tag = str(m.get("experiment_tag", ""))  # "3_lr=...": Ray's 1-based trial sequence
-            rows.append(
-                TrialRow(
-                    number=int(tag.split("_")[0]) - 1 if tag.split("_")[0].isdigit() else 10_000 + i,
-                    state=state,
-                    value=float(val) if val is not None and state != "failed" else None,
-                    val_loss=m.get("val_loss"),
-                    epochs_run=epochs,
-                    seconds=round(float(m.get("time_total_s", 0.0)), 2),
-                    params={k: v for k, v in (r.config or {}).items() if k in space},
-                    note=note,
-                    run_dir=str(out / "trials" / str(m.get("trial_id", ""))) if m.get("trial_id") else "",
-                )
-            )
+        rows = [_ray_row(i, r, space, out) for i, r in enumerate(grid)]
         return rows, time.monotonic() - t0
     finally:
         if started:
             ray.shutdown()
+
+
+def _ray_row(i: int, r: Any, space: dict[str, Dim], out: Path) -> TrialRow:
+    """One Ray Tune result as a trial row (``i``: its place in the result grid)."""
+    m = r.metrics or {}
+    epochs = int(m.get("training_iteration", 0))
+    if r.error is not None:
+        state, note = "failed", _one_line(r.error)
+    elif m.get("finished"):
+        state, note = "complete", ""
+    else:
+        state, note = "pruned", f"stopped by ASHA or the budget at epoch {epochs}"
+    val = m.get("val_acc")
+    tag = str(m.get("experiment_tag", ""))  # "3_lr=...": Ray's 1-based trial sequence
+    return TrialRow(
+        number=int(tag.split("_")[0]) - 1 if tag.split("_")[0].isdigit() else 10_000 + i,
+        state=state,
+        value=float(val) if val is not None and state != "failed" else None,
+        val_loss=m.get("val_loss"),
+        epochs_run=epochs,
+        seconds=round(float(m.get("time_total_s", 0.0)), 2),
+        params={k: v for k, v in (r.config or {}).items() if k in space},
+        note=note,
+        run_dir=str(out / "trials" / str(m.get("trial_id", ""))) if m.get("trial_id") else "",
+    )
 
 
 # ----------------------------------------------------------------------------- outputs
