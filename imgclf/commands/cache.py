@@ -1,4 +1,4 @@
-"""imgclf cache info|clear"""
+"""imgclf cache info|compact|clear"""
 
 from __future__ import annotations
 
@@ -6,22 +6,27 @@ import argparse
 import json
 
 NAME = "cache"
-HELP = "show or clear the decoded-image cache (location, disk use, damaged shards)"
+HELP = "show, compact or clear the decoded-image cache (location, disk use, damaged shards)"
 DESCRIPTION = (
     "info: where the cache is, each decoded store (one per image size, channels and resize), its "
-    "shards, images and disk use; --verify also checks every shard's checksum. clear: delete the "
-    "decoded stores and the per-image decode cache (downloaded data sets are kept)."
+    "shards, images and disk use; --verify also checks every shard's checksum. compact: rewrite "
+    "the stores without the images of files removed or changed since they were decoded, merging "
+    "small shards (images of built-in data sets and tar shards are kept). clear: delete the "
+    "decoded stores and the per-image decode cache (downloaded data sets are kept). compact and "
+    "clear refuse while a training run streams from a store."
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("info", "clear"), help="what to do")
+    p.add_argument("action", choices=("info", "compact", "clear"), help="what to do")
     p.add_argument(
         "--cache-dir", default=None, help="cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)"
     )
-    p.add_argument("--key", default=None, help="clear only this store, e.g. 96x96x3-bilinear (see info)")
+    p.add_argument(
+        "--key", default=None, help="compact or clear only this store, e.g. 96x96x3-bilinear (see info)"
+    )
     p.add_argument("--verify", action="store_true", help="info: read every shard and compare its checksum")
-    p.add_argument("--json", action="store_true", help="info: print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="info, compact: print JSON instead of a table")
 
 
 def _mb(n: int) -> str:
@@ -30,12 +35,26 @@ def _mb(n: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from imgclf.core.errors import ConfigError
-    from imgclf.data.store import clear_store, store_info, store_root
+    from imgclf.data.store import clear_store, compact_store, store_info, store_root
 
+    if args.key and not (store_root(args.cache_dir) / args.key).is_dir():
+        known = [s["key"] for s in store_info(args.cache_dir)["stores"]]
+        raise ConfigError(f"--key {args.key}: no such store; stores: {', '.join(known) or 'none'}")
+    if args.action == "compact":
+        done = compact_store(args.cache_dir, args.key)
+        if args.json:
+            print(json.dumps(done, indent=2))
+            return 0
+        if not done:
+            print(f"no decoded stores in {store_root(args.cache_dir)}")
+        for s in done:
+            (s0, s1), (r0, r1), (b0, b1) = s["shards"], s["rows"], s["bytes"]
+            print(
+                f"{s['key']}: {s['changed_or_removed_files']:,} changed or removed file(s) forgotten; "
+                f"{s0} -> {s1} shard(s), {r0:,} -> {r1:,} stored images, {_mb(b0)} -> {_mb(b1)}"
+            )
+        return 0
     if args.action == "clear":
-        if args.key and not (store_root(args.cache_dir) / args.key).is_dir():
-            known = [s["key"] for s in store_info(args.cache_dir)["stores"]]
-            raise ConfigError(f"--key {args.key}: no such store; stores: {', '.join(known) or 'none'}")
         freed = clear_store(args.cache_dir, args.key)
         print(f"cleared {_mb(freed)} from {store_root(args.cache_dir) / (args.key or '')}")
         return 0

@@ -47,6 +47,9 @@ FORMAT = 1
 HEADER_BYTES = 128
 DEFAULT_SHARD_MB = 256
 INDEX = "index.json"
+# Every live StoreArray holds a shared flock on this file; compact and clear need it exclusively, so
+# they refuse while a run reads the store (readers take no lock on the index, and map shards lazily).
+READERS = ".readers"
 # Files hashed and decoded per batch of thread-pool work: bounds the results held at once.
 CHUNK = 256
 
@@ -274,11 +277,14 @@ class StoreArray:
         shape: tuple[int, int, int],
         shard_of: np.ndarray,
         row_of: np.ndarray,
+        readers_lock: Any = None,
     ) -> None:
         self.files, self.counts = files, counts
         self.row_shape = tuple(shape)
         self.shard_of, self.row_of = shard_of, row_of
         self._maps: dict[int, np.ndarray] = {}
+        # Views share their parent's lock; the flock goes when the last of them is collected.
+        self._readers = readers_lock if readers_lock is not None else _hold_readers(files)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -354,7 +360,9 @@ class StoreArray:
     def subset(self, idx: np.ndarray) -> StoreArray:
         """A view of rows ``idx`` without reading them."""
         idx = self._indices(idx)
-        return StoreArray(self.files, self.counts, self.row_shape, self.shard_of[idx], self.row_of[idx])
+        return StoreArray(
+            self.files, self.counts, self.row_shape, self.shard_of[idx], self.row_of[idx], self._readers
+        )
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = self.take(np.arange(len(self)))
@@ -364,6 +372,40 @@ class StoreArray:
         """Drop this array's shards from the page cache so the next read comes from disk."""
         for f in self.files:
             _drop_from_page_cache(f)
+
+
+def _hold_readers(files: list[Path]) -> Any:
+    """An open file holding a shared flock on the store's readers file (None for no shards or a
+    read-only store, which nothing can compact or clear either)."""
+    if not files:
+        return None
+    try:
+        f = open(files[0].parent / READERS, "a+b")  # noqa: SIM115 (held for the array's lifetime)
+    except OSError:
+        return None
+    fcntl.flock(f, fcntl.LOCK_SH)
+    return f
+
+
+@contextlib.contextmanager
+def _no_readers(d: Path) -> Iterator[None]:
+    """Exclusive hold of store ``d``'s readers file; :class:`DataError` while a run reads the store."""
+    try:
+        f = open(d / READERS, "a+b")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise DataError(f"decoded store {d}: cannot open {READERS} ({e}); is the cache writable?") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(
+                f"decoded store {d}: a running process is reading it (a training run streaming from "
+                "it); try again when it has finished"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- building
@@ -460,6 +502,9 @@ def build_store(
                         part = idx[s : s + CHUNK]
                         for j, (k, arr, err, seen) in enumerate(ex.map(work, part), start=s):
                             if seen is not None:
+                                was = stat.get(index.items[idx[j]])
+                                if was and was[2] != seen[2]:  # changed: its old row is for compact
+                                    ix.setdefault("replaced", []).append(was[2])
                                 stat[index.items[idx[j]]] = seen
                             if err:
                                 failed.append((index.items[idx[j]], err))
@@ -601,15 +646,141 @@ def store_info(cache_dir: str | None = None, verify: bool = False) -> dict[str, 
     return {"path": str(root), "stores": stores, "other": other, "verified": verify}
 
 
+def _store_dirs(sroot: Path, key: str | None) -> list[Path]:
+    if key:
+        return [sroot / key]
+    return sorted(p for p in sroot.iterdir() if p.is_dir()) if sroot.is_dir() else []
+
+
+def _stores(cache_dir: str | None, key: str | None, shard_mb: float = DEFAULT_SHARD_MB) -> list[DecodedStore]:
+    """The stores with a readable index (all, or the one ``key``)."""
+    sroot = store_root(cache_dir)
+    dirs = _store_dirs(sroot, key)
+    out = []
+    for d in dirs:
+        try:
+            h, w, c = json.loads((d / INDEX).read_text())["shape"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        st = DecodedStore(sroot, Preprocess((h, w), c, resize=d.name.split("-", 1)[-1]), shard_mb)
+        st.dir = d
+        out.append(st)
+    return out
+
+
+def compact_store(
+    cache_dir: str | None = None, key: str | None = None, shard_mb: float = DEFAULT_SHARD_MB
+) -> list[dict[str, Any]]:
+    """Rewrite each store (or the one ``key``) without the rows no current file needs, in full shards.
+
+    A row goes when every file it was decoded from has been removed or changed since (its size or
+    mtime no longer match what the store remembers); rows that came from no file (built-in sets,
+    tar members) stay. Shards holding such rows, or less than half full, are rewritten under new
+    names, then the old ones are deleted: a crash midway leaves a sound store. Raises
+    :class:`DataError` while a run reads the store. Returns one summary per store.
+    """
+    out = []
+    for st in _stores(cache_dir, key, shard_mb):
+        with _no_readers(st.dir), st.locked() as ix:
+            before = {
+                "shards": len(ix["shards"]),
+                "rows": sum(r["rows"] for r in ix["shards"].values()),
+                "bytes": _tree_bytes(st.dir),
+            }
+            stale = _forget_changed_files(ix)
+            redo = _shards_to_rewrite(st, ix)
+            _rewrite(st, ix, redo)
+            out.append(
+                {
+                    "key": st.key if st.dir.name == st.key else st.dir.name,
+                    "path": str(st.dir),
+                    "changed_or_removed_files": stale,
+                    "shards": [before["shards"], len(ix["shards"])],
+                    "rows": [before["rows"], sum(r["rows"] for r in ix["shards"].values())],
+                    "bytes": [before["bytes"], _tree_bytes(st.dir)],
+                }
+            )
+    return out
+
+
+def _forget_changed_files(ix: dict[str, Any]) -> int:
+    """Drop remembered files that are gone or changed, and rows (and failures) only they used;
+    returns how many files that was (``replaced``: contents of files that changed since)."""
+    replaced = ix.pop("replaced", [])
+    live, stale, n = set(), set(replaced), len(replaced)
+    for path, (size, mtime, h) in list(ix["stat"].items()):
+        try:
+            st = os.stat(path)
+            ok = st.st_size == size and st.st_mtime_ns == mtime
+        except OSError:
+            ok = False
+        if ok:
+            live.add(h)
+        else:
+            stale.add(h)
+            del ix["stat"][path]
+            n += 1
+    for h in stale - live:
+        ix["rows"].pop(h, None)
+        ix["failed"].pop(h, None)
+    return n
+
+
+def _shards_to_rewrite(st: DecodedStore, ix: dict[str, Any]) -> list[str]:
+    used: dict[str, int] = {}
+    for sid, _ in ix["rows"].values():
+        used[str(sid)] = used.get(str(sid), 0) + 1
+    holes = [s for s, rec in ix["shards"].items() if used.get(s, 0) < rec["rows"]]
+    small = [s for s, rec in ix["shards"].items() if rec["rows"] < st.rows_per_shard // 2 and s not in holes]
+    # One small shard alone gains nothing from a copy; two or more merge.
+    return sorted(holes + (small if len(small) + len(holes) > 1 else []), key=int)
+
+
+def _rewrite(st: DecodedStore, ix: dict[str, Any], redo: list[str]) -> None:
+    """Copy the referenced rows of shards ``redo`` into new shards, then delete ``redo``."""
+    if not redo:
+        return
+    rows_in: dict[str, list[tuple[int, str]]] = {s: [] for s in redo}
+    for k, (sid, row) in ix["rows"].items():
+        if str(sid) in rows_in:
+            rows_in[str(sid)].append((row, k))
+    writer = _ShardWriter(st, ix)
+    try:
+        for sid in redo:
+            mm = np.load(st.shard_path(sid), mmap_mode="r", allow_pickle=False)
+            for row, k in sorted(rows_in[sid]):
+                del ix["rows"][k]  # re-added by the writer, which skips keys it already holds
+                writer.add(k, np.asarray(mm[row]))
+            del mm
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for sid in redo:
+        del ix["shards"][sid]
+    st.write_index(ix)
+    for sid in redo:
+        with contextlib.suppress(OSError):
+            st.shard_path(sid).unlink()
+
+
 def clear_store(cache_dir: str | None = None, key: str | None = None, per_image: bool = True) -> int:
-    """Delete the decoded store (one ``key`` or all) and the per-image decode cache; returns bytes freed."""
+    """Delete the decoded store (one ``key`` or all) and the per-image decode cache; returns bytes freed.
+
+    Raises :class:`DataError` (deleting nothing) while a run reads one of those stores."""
     root = D.cache_root(cache_dir)
-    targets = [store_root(cache_dir) / key] if key else [store_root(cache_dir)]
+    sroot = store_root(cache_dir)
+    targets = [sroot / key] if key else [sroot]
     if per_image and not key:
         targets.append(root / "decoded")
+    dirs = _store_dirs(sroot, key)
     freed = 0
-    for t in targets:
-        if t.is_dir():
-            freed += _tree_bytes(t)
-            shutil.rmtree(t)
+    with contextlib.ExitStack() as hold:
+        for d in dirs:
+            if d.is_dir():
+                hold.enter_context(_no_readers(d))
+        for t in targets:
+            if t.is_dir():
+                freed += _tree_bytes(t)
+                shutil.rmtree(t)
     return freed
