@@ -468,7 +468,7 @@ def main() -> int:
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {out}")
     if not args.cache_dir and not args.keep:
-        S.clear_store(cache)
+        shutil.rmtree(cache, ignore_errors=True)  # the bench's own temporary cache, arrays still open
     return 0
 
 
