@@ -294,6 +294,34 @@ def test_class_weights_auto_weights_loss_by_inverse_frequency(
     assert seen[0][1] > 2 * seen[0][0]  # the small class weighs more
 
 
+def test_training_warns_of_rare_missing_and_imbalanced_classes(
+    tmp_path: Path, small_sign_folder, caplog: pytest.LogCaptureFixture
+) -> None:
+    from imgclf.training.api import train
+
+    def run(root: Path, name: str) -> str:
+        caplog.clear()
+        cfg = TrainConfig(
+            data=str(root), model="lenet", img_size=28, epochs=1, val_split=0.2, test_split=0.2,
+            out=str(tmp_path / name), tensorboard=False,
+        )  # fmt: skip
+        with caplog.at_level("WARNING", logger="imgclf"):
+            train(cfg, progress=False)
+        return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+    root = small_sign_folder(tmp_path / "imb", per_class=50, classes=("0", "1", "2"))
+    for f in _files(root, "1")[2:]:
+        f.unlink()  # 50 / 2 / 50 real photos: class 1 is too small, and missing from val or test
+    said = run(root, "imb")
+    assert "fewer than 5 training images: 1 (" in said
+    assert "split has no image of 1 class(es) (1)" in said
+    assert "classes are imbalanced" in said and "--class-weights auto" in said
+    # The control: the same photos, balanced, draw none of these warnings.
+    balanced = small_sign_folder(tmp_path / "bal", per_class=20, classes=("0", "1", "2"))
+    said = run(balanced, "bal")
+    assert "fewer than" not in said and "no image of" not in said and "imbalanced" not in said
+
+
 def test_sign_language_digits_is_clean_except_three_big_photos(sign_dir: Path) -> None:
     """The real dataset: no unreadable files, duplicates or conflicts; three 3024x3024 photos in class 7."""
     rep = inspect_source(str(sign_dir), progress=False).to_dict()

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imgclf")
 
+# Fewer training images than this in a class gets a warning; so does a largest class this many
+# times the smallest (single-label runs).
+MIN_CLASS_IMAGES = 5
+IMBALANCE_RATIO = 10
+
 
 @dataclass
 class TrainResult:
@@ -943,6 +948,42 @@ class Trainer:
             len(ds.val.labels) if ds.val else 0,
             len(ds.test.labels) if ds.test else 0,
         )
+        if not self.multi and self.dist.is_main:
+            self._warn_class_balance()
+
+    def _warn_class_balance(self) -> None:
+        """Single-label: say once when a class is too small to learn or is missing from a held-out
+        split (whose accuracy then says nothing about it), and when classes are strongly imbalanced."""
+        ds, classes = self.data, self.index.classes
+        k = len(classes)
+        train = np.bincount(ds.train.labels, minlength=k)
+        rare = [f"{c} ({n})" for c, n in zip(classes, train) if n < MIN_CLASS_IMAGES]
+        if rare:
+            log.warning(
+                "class(es) with fewer than %d training images: %s; too few to learn: add images or "
+                "merge classes",
+                MIN_CLASS_IMAGES,
+                display_path(
+                    ", ".join(rare[:10]) + (f" and {len(rare) - 10} more" if len(rare) > 10 else "")
+                ),
+            )
+        for name, d in (("val", ds.val), ("test", ds.test)):
+            if d is not None and len(d.labels):
+                missing = [c for c, n in zip(classes, np.bincount(d.labels, minlength=k)) if n == 0]
+                if missing:
+                    log.warning(
+                        "%s split has no image of %d class(es) (%s): its accuracy says nothing about them",
+                        name,
+                        len(missing),
+                        display_path(", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")),
+                    )
+        if train.max() >= IMBALANCE_RATIO * max(int(train.min()), 1) and self.cfg.class_weights == "none":
+            log.warning(
+                "classes are imbalanced (%d to %d training images): accuracy favours the large ones; "
+                "--class-weights auto weights the loss by inverse class frequency",
+                int(train.max()),
+                int(train.min()),
+            )
 
     def _restore(self) -> None:
         path = self.dist.resume_from or self.last_path
