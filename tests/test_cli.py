@@ -58,6 +58,11 @@ def test_predict_json_fields_and_bad_file(mnist_bundle: Path, tmp_path: Path, mn
     r = _run("predict", str(mnist_bundle), *sorted(str(p) for p in tmp_path.glob("digit_*.png")))
     assert r.returncode == 0
     assert all(re.search(r": \d+\.\d\d%( \(unknown: .*\))?$", line) for line in r.stdout.splitlines())
+    # An input that yields no image is an error that says which and why, not silence.
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    r = _run("predict", str(mnist_bundle), str(tmp_path / "empty"), str(tmp_path / "gone.png"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert "empty: folder holds no files" in r.stderr and "gone.png: no such file" in r.stderr
 
 
 def test_user_errors_are_one_line(tmp_path: Path, capsys) -> None:

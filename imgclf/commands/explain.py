@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from imgclf.analysis.explain import UnknownClassError, class_index_of, explain_file, explain_labels
     from imgclf.core.imageio import ImageDecodeError
     from imgclf.runtime.bundle import load_bundle
-    from imgclf.runtime.predict import expand_paths
+    from imgclf.runtime.predict import expand_paths, why_missing
 
     if not 0.0 <= args.alpha <= 1.0:
         print("imgclf explain: error: --alpha must be between 0 and 1", file=sys.stderr)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     files, missing = expand_paths(args.images)
     failed = len(missing)
     for m in missing:
-        print(f"imgclf explain: {m}: no such file, folder or matching glob", file=sys.stderr)
+        print(f"imgclf explain: {m}: {why_missing(m)}", file=sys.stderr)
     out_dir = Path(args.out) if args.out else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)

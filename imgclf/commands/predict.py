@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from imgclf.core.files import display_path
     from imgclf.runtime.bundle import load_bundle
-    from imgclf.runtime.predict import expand_paths, predict_files
+    from imgclf.runtime.predict import expand_paths, predict_files, why_missing
 
     if args.gallery is not None and (not args.data or args.gallery < 1):
         print("imgclf predict: error: --gallery N needs N >= 1 and --data SOURCE", file=sys.stderr)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     for path, why in skipped:  # reported, not counted among the files that failed to predict
         print(f"imgclf predict: skipped {display_path(path)}: {why}", file=sys.stderr)
     for m in missing:
-        print(f"imgclf predict: {display_path(m)}: no such file, folder or matching glob", file=sys.stderr)
+        print(f"imgclf predict: {display_path(m)}: {why_missing(m)}", file=sys.stderr)
         failed += 1
     for r in predict_files(bundle, files, top_k=top_k, batch_size=args.batch_size, tta=args.tta):
         results.append(r)

@@ -52,7 +52,8 @@ class PredictResult:
 def expand_paths(
     inputs: Sequence[str], skipped: list[tuple[str, str]] | None = None
 ) -> tuple[list[str], list[str]]:
-    """Files, folders (recursive, sorted) and glob patterns -> (files, inputs that matched nothing).
+    """Files, folders (recursive, sorted) and glob patterns -> (files, inputs that matched nothing:
+    missing paths, empty folders, globs without a hit).
 
     ``skipped`` (when given) collects ``(path, why)`` for what walking the folders left out:
     symbolic link loops, broken links, unreadable folders, folders named like images.
@@ -73,7 +74,7 @@ def expand_paths(
         p = Path(s)
         if p.is_dir():
             found, bad = walk_files(p)
-            add([str(f) for f in found])
+            add([str(f) for f in found]) if found else missing.append(s)  # an empty folder matched nothing
             if skipped is not None:
                 skipped.extend(bad)
         elif p.exists():
@@ -84,6 +85,11 @@ def expand_paths(
         else:
             missing.append(s)
     return files, missing
+
+
+def why_missing(path: str) -> str:
+    """Why an input of :func:`expand_paths` matched no file, in a few words."""
+    return "folder holds no files" if os.path.isdir(path) else "no such file, folder or matching glob"
 
 
 def predict_files(

@@ -41,7 +41,7 @@ from imgclf.core.files import display_path
 from imgclf.core.imageio import ImageDecodeError
 from imgclf.data.sources import DataError
 from imgclf.runtime.bundle import Bundle, load_bundle, resolve_bundle_dir
-from imgclf.runtime.predict import expand_paths
+from imgclf.runtime.predict import expand_paths, why_missing
 
 log = logging.getLogger("imgclf")
 
@@ -420,7 +420,7 @@ def predict_dataset(
     skipped: list[tuple[str, str]] = []
     files, missing = expand_paths(list(inputs), skipped)
     if missing:
-        raise DataError(f"no such file, folder or matching glob: {', '.join(missing)}")
+        raise DataError("; ".join(f"{m}: {why_missing(m)}" for m in missing))
     if not files:
         raise DataError(f"no image files under {', '.join(inputs)}")
     files = [str(Path(f).resolve()) for f in files]
