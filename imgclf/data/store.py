@@ -681,7 +681,9 @@ def compact_store(
     """
     out = []
     for st in _stores(cache_dir, key, shard_mb):
-        with _no_readers(st.dir), st.locked() as ix:
+        # The writers' lock first, as build_store takes them (it holds .lock while it opens a
+        # StoreArray, which waits for .readers): the other order could deadlock with it.
+        with st.locked() as ix, _no_readers(st.dir):
             before = {
                 "shards": len(ix["shards"]),
                 "rows": sum(r["rows"] for r in ix["shards"].values()),
