@@ -401,7 +401,7 @@ def imbalance(counts: dict[str, int]) -> Imbalance:
     empty = sorted(k for k, n in counts.items() if n == 0)
     if empty:
         tip = f"classes with no readable images: {', '.join(empty)}; add images or remove the folders"
-    elif ratio > 10:
+    elif ratio > D.SEVERE_IMBALANCE:
         tip = (
             "severe imbalance: collect more images of the small classes, and train with --class-weights auto"
         )

@@ -636,6 +636,12 @@ def decode_items(
 
 # --------------------------------------------------------------------------- splits
 
+# Class balance, as `imgclf inspect` and the trainer's warnings judge it: a class with fewer
+# training images than MIN_CLASS_IMAGES is too small to learn; a largest class SEVERE_IMBALANCE
+# times the smallest needs --class-weights auto (or more images of the small classes).
+MIN_CLASS_IMAGES = 5
+SEVERE_IMBALANCE = 10
+
 
 def split_indices(
     labels: np.ndarray,

@@ -45,11 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("imgclf")
 
-# Fewer training images than this in a class gets a warning; so does a largest class this many
-# times the smallest (single-label runs).
-MIN_CLASS_IMAGES = 5
-IMBALANCE_RATIO = 10
-
 
 @dataclass
 class TrainResult:
@@ -598,6 +593,12 @@ class PreparedData:
     report: dict[str, Any]
 
 
+def _first_ten(names: list[str]) -> str:
+    """Up to ten names for a log line, then how many more (odd file names shown as \\xNN)."""
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return display_path(", ".join(names[:10]) + more)
+
+
 class Trainer:
     """One training run: ``Trainer(cfg, run_dir).fit() -> TrainResult``.
 
@@ -911,13 +912,17 @@ class Trainer:
         """Multi-label: per-label counts in the log; ``pos_weight auto`` = negatives / positives."""
         y = self.data.train.targets
         pos = y.sum(axis=0).astype(np.float64)
-        rare = [c for c, n in zip(self.index.classes, pos) if n < 5]
+        rare = [c for c, n in zip(self.index.classes, pos) if n < D.MIN_CLASS_IMAGES]
         log.info(
             "multi-label: %d labels, %.2f labels per training image; %d image(s) with no label",
             y.shape[1], float(y.sum(axis=1).mean()), int((y.sum(axis=1) == 0).sum()),
         )  # fmt: skip
         if rare:
-            log.warning("multi-label: label(s) with fewer than 5 training images: %s", ", ".join(rare[:10]))
+            log.warning(
+                "multi-label: label(s) with fewer than %d training images: %s",
+                D.MIN_CLASS_IMAGES,
+                ", ".join(rare[:10]),
+            )
         if self.cfg.class_weights == "auto":
             log.info("multi-label: class_weights ignored; use pos_weight auto for rare labels")
         if self.cfg.pos_weight == "auto":
@@ -957,15 +962,13 @@ class Trainer:
         ds, classes = self.data, self.index.classes
         k = len(classes)
         train = np.bincount(ds.train.labels, minlength=k)
-        rare = [f"{c} ({n})" for c, n in zip(classes, train) if n < MIN_CLASS_IMAGES]
+        rare = [f"{c} ({n})" for c, n in zip(classes, train) if n < D.MIN_CLASS_IMAGES]
         if rare:
             log.warning(
                 "class(es) with fewer than %d training images: %s; too few to learn: add images or "
                 "merge classes",
-                MIN_CLASS_IMAGES,
-                display_path(
-                    ", ".join(rare[:10]) + (f" and {len(rare) - 10} more" if len(rare) > 10 else "")
-                ),
+                D.MIN_CLASS_IMAGES,
+                _first_ten(rare),
             )
         for name, d in (("val", ds.val), ("test", ds.test)):
             if d is not None and len(d.labels):
@@ -975,9 +978,9 @@ class Trainer:
                         "%s split has no image of %d class(es) (%s): its accuracy says nothing about them",
                         name,
                         len(missing),
-                        display_path(", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")),
+                        _first_ten(missing),
                     )
-        if train.max() >= IMBALANCE_RATIO * max(int(train.min()), 1) and self.cfg.class_weights == "none":
+        if train.max() >= D.SEVERE_IMBALANCE * max(int(train.min()), 1) and self.cfg.class_weights == "none":
             log.warning(
                 "classes are imbalanced (%d to %d training images): accuracy favours the large ones; "
                 "--class-weights auto weights the loss by inverse class frequency",
