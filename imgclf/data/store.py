@@ -24,6 +24,7 @@ import shutil
 import struct
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -607,37 +608,31 @@ def store_info(cache_dir: str | None = None, verify: bool = False) -> dict[str, 
     """Location and disk use of the cache: each store (shards, images, bytes, problems) and the rest."""
     root = D.cache_root(cache_dir)
     stores = []
-    sroot = store_root(cache_dir)
-    if sroot.is_dir():
-        for d in sorted(p for p in sroot.iterdir() if p.is_dir()):
-            try:
-                ix = json.loads((d / INDEX).read_text())
-                h, w, c = ix["shape"]
-            except (OSError, ValueError, KeyError, TypeError):
-                stores.append(
-                    {"key": d.name, "path": str(d), "bytes": _tree_bytes(d), "problems": ["no index"]}
-                )
-                continue
-            st = DecodedStore(sroot, Preprocess((h, w), c, resize=d.name.split("-", 1)[-1]))
-            st.dir = d
-            problems = [
-                f"{st.shard_path(s).name}: {why}"
-                for s, rec in ix["shards"].items()
-                if (why := st.shard_problem(s, rec, full=verify))
-            ]
-            stored = sum(r["rows"] for r in ix["shards"].values())
-            stores.append(
-                {
-                    "key": d.name,
-                    "path": str(d),
-                    "shards": len(ix["shards"]),
-                    "images": len(ix["rows"]),
-                    "unreferenced_rows": stored - len(ix["rows"]),
-                    "failed": len(ix["failed"]),
-                    "bytes": _tree_bytes(d),
-                    "problems": problems,
-                }
-            )
+    for d in _store_dirs(store_root(cache_dir), None):
+        try:
+            ix = json.loads((d / INDEX).read_text())
+            st = _store_at(d, ix["shape"])
+        except (OSError, ValueError, KeyError, TypeError):
+            stores.append({"key": d.name, "path": str(d), "bytes": _tree_bytes(d), "problems": ["no index"]})
+            continue
+        problems = [
+            f"{st.shard_path(s).name}: {why}"
+            for s, rec in ix["shards"].items()
+            if (why := st.shard_problem(s, rec, full=verify))
+        ]
+        stored = sum(r["rows"] for r in ix["shards"].values())
+        stores.append(
+            {
+                "key": d.name,
+                "path": str(d),
+                "shards": len(ix["shards"]),
+                "images": len(ix["rows"]),
+                "unreferenced_rows": stored - len(ix["rows"]),
+                "failed": len(ix["failed"]),
+                "bytes": _tree_bytes(d),
+                "problems": problems,
+            }
+        )
     other = {}
     if root.is_dir():
         for p in sorted(root.iterdir()):
@@ -652,19 +647,22 @@ def _store_dirs(sroot: Path, key: str | None) -> list[Path]:
     return sorted(p for p in sroot.iterdir() if p.is_dir()) if sroot.is_dir() else []
 
 
+def _store_at(d: Path, shape: list[int], shard_mb: float = DEFAULT_SHARD_MB) -> DecodedStore:
+    """The store in folder ``d`` whose index gives ``shape`` (its resize rule from the folder's name)."""
+    h, w, c = shape
+    st = DecodedStore(d.parent, Preprocess((h, w), c, resize=d.name.split("-", 1)[-1]), shard_mb)
+    st.dir = d
+    return st
+
+
 def _stores(cache_dir: str | None, key: str | None, shard_mb: float = DEFAULT_SHARD_MB) -> list[DecodedStore]:
     """The stores with a readable index (all, or the one ``key``)."""
-    sroot = store_root(cache_dir)
-    dirs = _store_dirs(sroot, key)
     out = []
-    for d in dirs:
+    for d in _store_dirs(store_root(cache_dir), key):
         try:
-            h, w, c = json.loads((d / INDEX).read_text())["shape"]
+            out.append(_store_at(d, json.loads((d / INDEX).read_text())["shape"], shard_mb))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        st = DecodedStore(sroot, Preprocess((h, w), c, resize=d.name.split("-", 1)[-1]), shard_mb)
-        st.dir = d
-        out.append(st)
     return out
 
 
@@ -694,7 +692,7 @@ def compact_store(
             _rewrite(st, ix, redo)
             out.append(
                 {
-                    "key": st.key if st.dir.name == st.key else st.dir.name,
+                    "key": st.dir.name,
                     "path": str(st.dir),
                     "changed_or_removed_files": stale,
                     "shards": [before["shards"], len(ix["shards"])],
@@ -729,9 +727,7 @@ def _forget_changed_files(ix: dict[str, Any]) -> int:
 
 
 def _shards_to_rewrite(st: DecodedStore, ix: dict[str, Any]) -> list[str]:
-    used: dict[str, int] = {}
-    for sid, _ in ix["rows"].values():
-        used[str(sid)] = used.get(str(sid), 0) + 1
+    used = Counter(str(sid) for sid, _ in ix["rows"].values())
     holes = [s for s, rec in ix["shards"].items() if used.get(s, 0) < rec["rows"]]
     small = [s for s, rec in ix["shards"].items() if rec["rows"] < st.rows_per_shard // 2 and s not in holes]
     # One small shard alone gains nothing from a copy; two or more merge.
