@@ -151,12 +151,6 @@ def official_test(run_dir: Path, ds: str, cache: Path) -> dict[str, Any]:
     return suite.right_bits(imgclf.evaluate(str(run_dir), data=str(folder)), "test_official")
 
 
-def _bits(hexed: str, n: int) -> Any:
-    import numpy as np
-
-    return np.unpackbits(np.frombuffer(bytes.fromhex(hexed), np.uint8))[:n].astype(bool)
-
-
 def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -> str:
     """Markdown: each candidate against the first of ``bases`` a dataset has, seed by seed, where both
     rows carry the same ``cpu`` tag: the difference on the images both runs were scored on (the
@@ -175,16 +169,16 @@ def paired_table(rows: dict[str, dict[str, dict[str, Any]]], bases: list[str]) -
             if r.get("cpu") is None or r.get("cpu") != b.get("cpu"):
                 continue  # a pair is only a pair on one CPU (rows without a tag ran on another draw)
             key = "test_official" if ds in IDX_FOLDERS else "test_split"
-            if ds in IDX_FOLDERS and (key + "_right" not in r or key + "_right" not in b):
-                continue  # a run scored on its split only (before the official test was kept)
             if key + "_right" not in r or key + "_right" not in b:
+                if ds in IDX_FOLDERS:
+                    continue  # a run scored on its split only (before the official test was kept)
                 y, x = 100 * b["test_accuracy"], 100 * r["test_accuracy"]
                 lines.append(f"| {ds} | {cand} | {seed or 42} | {y:.2f} | {x:.2f} | {x - y:+.2f} | - |")
                 continue
             if r[key + "_items"] != b[key + "_items"]:
                 raise SystemExit(f"{ds} {name}: scored on other images than {base}")
             n = r[key + "_size"]
-            x, y = (_bits(t[key + "_right"], n) for t in (r, b))
+            x, y = (suite.unpack_bits(t[key + "_right"], n) for t in (r, b))
             diff = x.mean() - y.mean()
             se = np.sqrt(((x != y).mean() - diff**2) / n)
             lines.append(

@@ -130,6 +130,13 @@ def right_bits(res: Any, prefix: str) -> dict[str, Any]:
     }
 
 
+def unpack_bits(hexed: str, n: int) -> Any:
+    """The ``n`` right/wrong flags that :func:`right_bits` packed, as a bool array."""
+    import numpy as np
+
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexed), np.uint8))[:n].astype(bool)
+
+
 def split_test_bits(run_dir: Path) -> dict[str, Any]:
     """:func:`right_bits` of a run's bundle on the run's own test split (``test_split_*`` keys; its
     accuracy can differ from the trainer's ``test_accuracy`` by the odd image: the bundle predicts

@@ -34,7 +34,7 @@ def test_split_test_bits_match_the_runs_test_accuracy(run_dir: Path) -> None:
     bits = suite.split_test_bits(run_dir)
     n = bits["test_split_size"]
     assert n == metrics["test_size"] > 0
-    right = small_images._bits(bits["test_split_right"], n)
+    right = suite.unpack_bits(bits["test_split_right"], n)
     assert right.mean() == pytest.approx(bits["test_split"], abs=1e-6)
     # The bundle predicts through its exported graph: at most the odd image differs.
     assert abs(bits["test_split"] - metrics["test_accuracy"]) <= 1.5 / n
@@ -43,7 +43,7 @@ def test_split_test_bits_match_the_runs_test_accuracy(run_dir: Path) -> None:
 def test_paired_table_uses_split_bits_and_refuses_other_images(run_dir: Path) -> None:
     base = {"test_accuracy": 0.5, "cpu": "x", **suite.split_test_bits(run_dir)}
     n = base["test_split_size"]
-    right = small_images._bits(base["test_split_right"], n)
+    right = suite.unpack_bits(base["test_split_right"], n)
     flipped = right.copy()
     flipped[:4] = ~flipped[:4]  # four images change: the SE comes from those disagreements
     cand = {**base, "test_split_right": np.packbits(flipped).tobytes().hex()}
