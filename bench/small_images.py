@@ -87,6 +87,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # The auto recipe plus MixUp at a = 0.2 ("MixUp for the default"). Mixing is left out of the
     # range test and draws from its own stream, so the run gets its baseline's rate and warps.
     "mix20": {"mixup": 0.2},
+    # The auto recipe with full-strength warps below 1,000 training images a class instead of
+    # half ("Stronger warps for mid-sized sets").
+    "aug1k": {AUTO_KEY: {"STRENGTH_TIERS": ((1000, 1.0),)}},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},
