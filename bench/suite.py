@@ -172,6 +172,8 @@ def run_row(
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "load_avg_start": [round(x, 2) for x in load0],
         "cpu": cpu_tag(),
+        # What --tta would have scored (the trainer's end-of-run check), when the run trained with warps.
+        **{k: metrics[k] for k in ("test_accuracy_tta", "tta_views") if k in metrics},
     }
     return {**row, **split_test_bits(run_dir)}
 

@@ -237,6 +237,27 @@ def test_tta_auto_views_follow_training_augmentation() -> None:
     assert views(augment="off", flip="on", shift=0.1) == "identity"
 
 
+def test_training_reports_what_tta_scores_as_evaluate_does(sign_bundle: Path) -> None:
+    """The end-of-training TTA check (torch, in the trainer) and ``evaluate --tta`` (the bundle's
+    ONNX graph) are two paths to one number: they must agree on the real Sign photos' test split."""
+    import json
+
+    from imgclf.analysis.evaluate import evaluate
+    from imgclf.runtime.bundle import load_bundle
+
+    m = json.loads((sign_bundle.parent / "metrics.json").read_text())
+    split = "test" if "test_size" in m else "val"  # the fixture's split may hold no test part
+    assert m["tta_views"] in ("shift", "flip-shift")  # trained with shifts (and flips per its config)
+    assert m[f"{split}_tta_size"] == m[f"{split}_size"]
+    assert m[f"{split}_accuracy_tta_base"] == pytest.approx(m[f"{split}_accuracy"])
+    res = evaluate(load_bundle(sign_bundle), split=split, tta="auto")
+    assert res.metrics["tta"] == m["tta_views"]
+    assert abs(res.metrics["accuracy"] - m[f"{split}_accuracy_tta"]) <= 1.0 / m[f"{split}_size"] + 1e-9
+    log = (sign_bundle.parent / "train.log").read_text()
+    n = 6 if m["tta_views"] == "flip-shift" else 5
+    assert f"TTA check: --tta ({m['tta_views']}, {n} views" in log
+
+
 def test_tta_shift_and_flip_views_move_pixels() -> None:
     from imgclf.runtime.tta import _hflip, _shift, views_for
 

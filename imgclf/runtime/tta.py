@@ -62,7 +62,11 @@ def auto_views(bundle: Any) -> str:
     A model trained without augmentation gets ``identity`` (measured: shifted views cost an
     undertrained MNIST LeNet 2 points); flips only when it trained with flips.
     """
-    tc = bundle.meta.get("train_config", {}) or {}
+    return config_views(bundle.meta.get("train_config", {}) or {})
+
+
+def config_views(tc: dict[str, Any]) -> str:
+    """:func:`auto_views` from a training config's dict (the trainer's check, before a bundle)."""
     if tc.get("augment") != "on":
         return "identity"
     flipped = tc.get("flip") == "on"

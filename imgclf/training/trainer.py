@@ -332,6 +332,8 @@ def logit_metrics(logits: torch.Tensor, labels: np.ndarray, temperature: float =
 
 # Training images the unknown-image scorer is fitted on, at most (a seeded sample beyond).
 MAX_OOD_FIT_IMAGES = 20000
+# Forward passes the end-of-training TTA check spends on a split, at most (evenly spaced images beyond).
+TTA_CHECK_MAX = 30000
 # Unknown-image scores that read the penultimate features (the others read the logits only).
 FEATURE_SCORES = ("mahalanobis", "knn")
 
@@ -1232,6 +1234,52 @@ class Trainer:
             if calibration:
                 metrics[f"{name}_ece_uncalibrated"] = logit_metrics(z, y)["ece"]
 
+    def _tta_metrics(
+        self,
+        model: torch.nn.Module,
+        splits: list[tuple[str, D.Decoded]],
+        logits: dict[str, tuple[torch.Tensor, np.ndarray]],
+        calibration: dict[str, Any] | None,
+        metrics: dict[str, Any],
+    ) -> None:
+        """What ``--tta`` (the views ``auto`` picks from this run's augmentation) scores on val and
+        test, beside one view on the same images, so the log says whether it pays on this data.
+        Predictions stay one view unless the user asks; at most TTA_CHECK_MAX forward passes a split."""
+        from imgclf.runtime.tta import config_views, views_for
+
+        name = config_views(self.cfg.to_dict())
+        if name == "identity":
+            return
+        views = views_for(name, self.cfg.img_size)
+        t = calibration["temperature"] if calibration else 1.0
+        said = []
+        for split, d in splits:
+            n = len(d.labels)
+            keep = np.unique(np.linspace(0, n - 1, min(n, TTA_CHECK_MAX // len(views))).astype(int))
+            y = torch.as_tensor(logits[split][1][keep])
+            probs = torch.zeros(len(keep), logits[split][0].shape[1])
+            for s in range(0, len(keep), 256):
+                rows = np.asarray(d.images[keep[s : s + 256]])  # a StoreArray reads just these rows
+                for view in views:
+                    z = predict_logits(model, view(rows), self.pre)
+                    probs[s : s + len(rows)] += logits_to_probs(z, t, False)
+            one = float((logits[split][0][keep].argmax(1) == y).float().mean())
+            acc = float((probs.argmax(1) == y).float().mean())
+            metrics[f"{split}_accuracy_tta"] = acc
+            metrics[f"{split}_accuracy_tta_base"] = one
+            metrics[f"{split}_tta_size"] = len(keep)
+            gain = (acc - one) * 100
+            said.append(f"{split} {acc:.4f} vs {one:.4f} ({gain:+.2f} points, {len(keep)} images)")
+        metrics["tta_views"] = name
+        log.info(
+            "TTA check: --tta (%s, %d views, %dx the prediction cost) scores %s; predictions stay one view "
+            "unless you pass --tta",
+            name,
+            len(views),
+            len(views),
+            "; ".join(said),
+        )
+
     def _thresholds_and_metrics(
         self, logits: dict[str, tuple[torch.Tensor, np.ndarray]], metrics: dict[str, Any]
     ) -> dict[str, Any]:
@@ -1315,6 +1363,7 @@ class Trainer:
             calibration = self._calibrate(logits)
             scorer, ood = self._fit_unknown(final, outputs)
             self._split_metrics(logits, calibration, metrics)
+            self._tta_metrics(final, splits, logits, calibration, metrics)
         if calibration:
             # Headline figures on the held-out test split when there is one, else validation.
             where = "test" if "test" in logits else "val"
