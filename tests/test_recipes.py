@@ -367,6 +367,12 @@ def test_tutorial_recipe_cats_vs_dogs_trains_a_one_logit_simplecnn(sign_dir: Pat
     b = load_bundle(res.bundle_dir)
     assert b.classes == ["cats", "dogs"] and b.meta["train_config"]["optimizer"] == "adam"
     assert b.model is not None and b.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1)  # one sigmoid logit
+    # The end-of-run TTA check reads the one logit as two classes, as evaluate --tta does.
+    from imgclf.analysis.evaluate import evaluate
+
+    assert res.metrics["tta_views"] == "flip"
+    ev = evaluate(b, split="val", tta="auto")
+    assert abs(ev.metrics["accuracy"] - res.metrics["val_accuracy_tta"]) <= 1.0 / res.metrics["val_size"] + 1e-9
 
 
 def test_cli_model_args_reach_the_bundle(tmp_path: Path) -> None:

@@ -1257,13 +1257,15 @@ class Trainer:
             n = len(d.labels)
             keep = np.unique(np.linspace(0, n - 1, min(n, TTA_CHECK_MAX // len(views))).astype(int))
             y = torch.as_tensor(logits[split][1][keep])
-            probs = torch.zeros(len(keep), logits[split][0].shape[1])
+            parts = []
             for s in range(0, len(keep), 256):
                 rows = np.asarray(d.images[keep[s : s + 256]])  # a StoreArray reads just these rows
-                for view in views:
-                    z = predict_logits(model, view(rows), self.pre)
-                    probs[s : s + len(rows)] += logits_to_probs(z, t, False)
-            one = float((logits[split][0][keep].argmax(1) == y).float().mean())
+                # (N, K) probabilities; a one-logit binary head gives two columns here
+                zs = [predict_logits(model, v(rows), self.pre) for v in views]
+                parts.append(sum(logits_to_probs(z, t, False) for z in zs))
+            probs = torch.cat(parts)
+            one_view = logits_to_probs(logits[split][0][keep], t, False)
+            one = float((one_view.argmax(1) == y).float().mean())
             acc = float((probs.argmax(1) == y).float().mean())
             metrics[f"{split}_accuracy_tta"] = acc
             metrics[f"{split}_accuracy_tta_base"] = one
