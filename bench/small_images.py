@@ -90,6 +90,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # The auto recipe with full-strength warps below 1,000 training images a class instead of
     # half ("Stronger warps for mid-sized sets").
     "aug1k": {AUTO_KEY: {"STRENGTH_TIERS": ((1000, 1.0),)}},
+    # ... and with a quarter instead of half from 200 ("Weaker warps for mid-sized sets").
+    "augq": {AUTO_KEY: {"STRENGTH_TIERS": ((200, 1.0),)}},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
     "vgg64x50": {"model": "smallervggnet", "img_size": 64, "epochs": 50},
