@@ -258,6 +258,20 @@ def test_training_reports_what_tta_scores_as_evaluate_does(sign_bundle: Path) ->
     assert f"TTA check: --tta ({m['tta_views']}, {n} views" in log
 
 
+def test_no_tta_check_skips_it(small_sign_folder, tmp_path: Path) -> None:
+    from imgclf.training.api import train
+    from imgclf.training.config import TrainConfig
+
+    data = small_sign_folder(tmp_path / "sign", per_class=8)
+    common = {"data": str(data), "model": "lenet", "img_size": 16, "epochs": 1, "tensorboard": False}
+    common.update(augment="on", shift=0.1, threads=1)
+    on = train(TrainConfig(**common, out=str(tmp_path / "on")), progress=False)
+    off = train(TrainConfig(**common, tta_check=False, out=str(tmp_path / "off")), progress=False)
+    assert "val_accuracy_tta" in on.metrics and "TTA check" in (Path(on.run_dir) / "train.log").read_text()
+    assert not any("tta" in k for k in off.metrics)
+    assert "TTA check" not in (Path(off.run_dir) / "train.log").read_text()
+
+
 def test_tta_shift_and_flip_views_move_pixels() -> None:
     from imgclf.runtime.tta import _hflip, _shift, views_for
 

@@ -353,6 +353,11 @@ class TrainConfig:
     class_weights: str = option(
         default="none", help="auto weights the loss by inverse class frequency", choices=("none", "auto")
     )
+    tta_check: bool = option(
+        default=True,
+        help="end training by scoring --tta's views on val and test beside one view (at most 30,000 "
+        "predictions a split); it reports, predictions stay one view",
+    )
     tensorboard: bool = option(default=True, help="write TensorBoard event files")
     workers: int = option(default=2, help="threads used to decode images", ge=1)
     threads: int | None = option(default=None, help="PyTorch compute threads (default: all cores)", ge=1)

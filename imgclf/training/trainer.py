@@ -1248,7 +1248,7 @@ class Trainer:
         from imgclf.runtime.tta import config_views, views_for
 
         name = config_views(self.cfg.to_dict())
-        if name == "identity":
+        if name == "identity" or not self.cfg.tta_check:
             return
         views = views_for(name, self.cfg.img_size)
         t = calibration["temperature"] if calibration else 1.0
