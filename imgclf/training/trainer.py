@@ -1245,6 +1245,8 @@ class Trainer:
         """What ``--tta`` (the views ``auto`` picks from this run's augmentation) scores on val and
         test, beside one view on the same images, so the log says whether it pays on this data.
         Predictions stay one view unless the user asks; at most TTA_CHECK_MAX forward passes a split."""
+        from tqdm import tqdm
+
         from imgclf.runtime.tta import config_views, views_for
 
         name = config_views(self.cfg.to_dict())
@@ -1258,7 +1260,8 @@ class Trainer:
             keep = np.unique(np.linspace(0, n - 1, min(n, TTA_CHECK_MAX // len(views))).astype(int))
             y = torch.as_tensor(logits[split][1][keep])
             parts = []
-            for s in range(0, len(keep), 256):
+            starts = range(0, len(keep), 256)
+            for s in tqdm(starts, desc=f"TTA check ({split})", disable=not self.progress, leave=False):
                 rows = np.asarray(d.images[keep[s : s + 256]])  # a StoreArray reads just these rows
                 # (N, K) probabilities; a one-logit binary head gives two columns here
                 zs = [predict_logits(model, v(rows), self.pre) for v in views]
