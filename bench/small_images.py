@@ -90,7 +90,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     # The auto recipe with full-strength warps below 1,000 training images a class instead of
     # half ("Stronger warps for mid-sized sets").
     "aug1k": {AUTO_KEY: {"STRENGTH_TIERS": ((1000, 1.0),)}},
-    # ... and with a quarter instead of half from 200 ("Weaker warps for mid-sized sets").
+    # ... and with a quarter instead of half from 200 ("Weaker warps for mid-sized sets"): adopted
+    # in session 21, so `auto` rows dated before 2026-12-04 23:55 UTC trained with half strength
+    # there and `augq` is what `auto` now trains.
     "augq": {AUTO_KEY: {"STRENGTH_TIERS": ((200, 1.0),)}},
     "vgg64": {"model": "smallervggnet", "img_size": 64},  # the old best's model and size
     # The same at 50 epochs, paired with up64x50 ("SmallerVGGNet for upsampled small photos").
