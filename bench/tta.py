@@ -31,9 +31,10 @@ def score(run_dir: Path) -> dict[str, Any]:
     """Test accuracy of ``run_dir``'s bundle on its test split under each view set in SETS."""
     row: dict[str, Any] = {"run_dir": str(run_dir), "cpu": suite.cpu_tag()}
     row["date"] = time.strftime("%Y-%m-%d %H:%M")
+    bundle = imgclf.load(str(run_dir))  # once: every set scores the same bundle
     for name in SETS:
         t0 = time.time()
-        res = imgclf.evaluate(str(run_dir), split="test", tta=None if name == "identity" else name)
+        res = imgclf.evaluate(bundle, split="test", tta=None if name == "identity" else name)
         row[name] = round(float(res.metrics["accuracy"]), 6)
         row[f"{name}_s"] = round(time.time() - t0, 1)
         if name == "auto":

@@ -1245,15 +1245,21 @@ class Trainer:
         """What ``--tta`` (the views ``auto`` picks from this run's augmentation) scores on val and
         test, beside one view on the same images, so the log says whether it pays on this data.
         Predictions stay one view unless the user asks; at most TTA_CHECK_MAX forward passes a split."""
+        from types import SimpleNamespace
+
         from tqdm import tqdm
 
-        from imgclf.runtime.tta import config_views, views_for
+        from imgclf.runtime.tta import config_views, predict_tta, views_for
 
-        name = config_views(self.cfg.to_dict())
-        if name == "identity" or not self.cfg.tta_check:
+        if not self.cfg.tta_check or (name := config_views(self.cfg.to_dict())) == "identity":
             return
         views = views_for(name, self.cfg.img_size)
         t = calibration["temperature"] if calibration else 1.0
+        # The trained torch model as the bundle predict_tta averages over: (N, K) probabilities,
+        # two columns for a one-logit binary head, as the bundle gives.
+        torch_bundle = SimpleNamespace(
+            predict_batch=lambda x: logits_to_probs(predict_logits(model, x, self.pre), t, False).numpy()
+        )
         said = []
         for split, d in splits:
             n = len(d.labels)
@@ -1263,9 +1269,7 @@ class Trainer:
             starts = range(0, len(keep), 256)
             for s in tqdm(starts, desc=f"TTA check ({split})", disable=not self.progress, leave=False):
                 rows = np.asarray(d.images[keep[s : s + 256]])  # a StoreArray reads just these rows
-                # (N, K) probabilities; a one-logit binary head gives two columns here
-                zs = [predict_logits(model, v(rows), self.pre) for v in views]
-                parts.append(sum(logits_to_probs(z, t, False) for z in zs))
+                parts.append(torch.as_tensor(predict_tta(torch_bundle, rows, views)))
             probs = torch.cat(parts)
             one_view = logits_to_probs(logits[split][0][keep], t, False)
             one = float((one_view.argmax(1) == y).float().mean())
